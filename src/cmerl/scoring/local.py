@@ -155,8 +155,13 @@ class Verifier:
                                    self_certainty=self_certainty, progress=progress)
 
     def score_requests(self, requests: Sequence[ScoreRequest], *, entropy: bool = False,
-                       self_certainty: bool = False, progress: bool = False) -> list[ResponseScore]:
-        """Score already-tokenized requests (``input_ids``, ``response_start``), in input order."""
+                       self_certainty: bool = False, top_k: int = 0,
+                       progress: bool = False) -> list[ResponseScore]:
+        """Score already-tokenized requests (``input_ids``, ``response_start``), in input order.
+
+        ``top_k > 0`` also returns, per scored position, the k most likely tokens as
+        ``extra["top_logprobs"]``: a list (one per position) of ``[(token_id, logprob), ...]`` (unclamped).
+        """
         t0 = time.perf_counter()
         prepared = []
         for i, r in enumerate(requests):
@@ -179,7 +184,8 @@ class Verifier:
         with torch.inference_mode():
             for batch in iterator:
                 rows = [todo[j] for j in batch]
-                for i, res in zip(rows, self._score_batch([prepared[i] for i in rows], entropy, self_certainty)):
+                batch_items = [prepared[i] for i in rows]
+                for i, res in zip(rows, self._score_batch(batch_items, entropy, self_certainty, top_k)):
                     results[i] = res
         self.last_seconds = time.perf_counter() - t0
         return results  # type: ignore[return-value]
@@ -200,7 +206,8 @@ class Verifier:
             self._head_weight_fp32 = w.detach().float()
         return self._head_weight_fp32
 
-    def _score_batch(self, items: list[_Prepared], entropy: bool, self_certainty: bool) -> list[ResponseScore]:
+    def _score_batch(self, items: list[_Prepared], entropy: bool, self_certainty: bool,
+                     top_k: int = 0) -> list[ResponseScore]:
         device = self.model.device
         width = max(len(p.ids) for p in items)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -219,7 +226,8 @@ class Verifier:
         hidden = backbone(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         h = hidden[torch.cat(rows).to(device), torch.cat(cols).to(device)]  # (n_scored, hidden)
         tgt = torch.tensor(targets, device=device)
-        stats = self._head_stats(h, tgt, entropy, self_certainty)
+        stats, top = self._head_stats(h, tgt, entropy, self_certainty, top_k)
+        top_split = list(zip(top[0].split(sizes), top[1].split(sizes))) if top_k else None
         out = []
         for b, parts in enumerate(zip(*[s.split(sizes) for s in stats])):
             lp = parts[0].clamp_min(self.logprob_floor)
@@ -233,11 +241,15 @@ class Verifier:
                 mean_entropy=float(ent.mean()) if ent is not None else None,
                 token_self_certainty=sc.tolist() if sc is not None else None,
                 mean_self_certainty=float(sc.mean()) if sc is not None else None))
+            if top_split is not None:
+                vals, idx = top_split[b]
+                out[-1].extra["top_logprobs"] = [list(zip(i.tolist(), v.tolist())) for v, i in zip(vals, idx)]
         return out
 
-    def _head_stats(self, h: torch.Tensor, tgt: torch.Tensor, entropy: bool,
-                    self_certainty: bool) -> list[torch.Tensor]:
-        """Per scored position: [logprob, (entropy), (self-certainty)], each (n_scored,) float32 on CPU."""
+    def _head_stats(self, h: torch.Tensor, tgt: torch.Tensor, entropy: bool, self_certainty: bool,
+                    top_k: int = 0) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """Per scored position: [logprob, (entropy), (self-certainty)], each (n_scored,) float32 on CPU,
+        and (top-k log-probs, top-k ids), each (n_scored, k), empty when ``top_k == 0``."""
         weight = self._head_weight()
         head = self.model.get_output_embeddings()
         bias = getattr(head, "bias", None)
@@ -245,6 +257,8 @@ class Verifier:
         scale = getattr(self.model.config, "logit_scale", None)
         log_v = math.log(weight.shape[0])
         outs: list[list[torch.Tensor]] = [[] for _ in range(1 + entropy + self_certainty)]
+        top_vals: list[torch.Tensor] = []
+        top_ids: list[torch.Tensor] = []
         for s in range(0, h.shape[0], self.head_chunk):
             hc = h[s:s + self.head_chunk].to(weight.dtype)
             logits = torch.nn.functional.linear(hc, weight, None if bias is None else bias.to(weight.dtype)).float()
@@ -261,7 +275,14 @@ class Verifier:
                 k += 1
             if self_certainty:
                 outs[k].append(lse - logits.mean(-1) - log_v)
-        return [torch.cat(o).cpu() if o else torch.empty(0) for o in outs]
+            if top_k:
+                v, i = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+                top_vals.append(v - lse[:, None])
+                top_ids.append(i)
+        stats = [torch.cat(o).cpu() if o else torch.empty(0) for o in outs]
+        if top_k:
+            return stats, (torch.cat(top_vals).cpu(), torch.cat(top_ids).cpu())
+        return stats, (torch.empty(0), torch.empty(0))
 
 
 def _verifier_from_spec(name: str, kwargs: dict) -> Verifier:
