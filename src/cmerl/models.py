@@ -16,6 +16,8 @@ folder and renamed into place, so a process killed mid-save never leaves an entr
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -150,6 +152,12 @@ def resolve(name: str) -> ModelSource:
         return ModelSource(name, "folder", str(path.resolve()))
     if key.startswith((".", "/", "~")) or key.count("/") > 1:
         raise FileNotFoundError(f"model path not found: {key}")
+    if "/" not in key:  # most likely a mistyped packaged alias: say so now rather than after hub retries
+        close = difflib.get_close_matches(key.lower(), list(PACKAGED_MODELS), n=1, cutoff=0.6)
+        if close:
+            raise ModelNotAvailableError(
+                f"unknown model {key!r}: did you mean the packaged model {close[0]!r}? "
+                f"(packaged: {', '.join(PACKAGED_MODELS)}; or pass a HF folder, a .gguf file or a hub id)")
     return ModelSource(name, "hub", key)
 
 
@@ -320,10 +328,25 @@ def load_model(name: str, *, dtype: str | torch.dtype = "float32", device: str =
     return model, load_tokenizer(name)
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """Silence transformers' "Loading weights" progress bar (library calls are quiet by default)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _from_pretrained(auto_cls, name: str, location: str, **kwargs):
     """``auto_cls.from_pretrained`` with an error that lists the accepted names when a hub id fails."""
     try:
-        return auto_cls.from_pretrained(location, **kwargs)
+        with _quiet_loading():
+            return auto_cls.from_pretrained(location, **kwargs)
     except OSError as exc:
         if resolve(name).kind != "hub":
             raise
@@ -342,7 +365,12 @@ def model_identity(model_or_name) -> str:
             return f"name:{model_or_name}"
     config = getattr(model_or_name, "config", None)
     ident = getattr(config, "_name_or_path", None) or getattr(model_or_name, "name_or_path", None)
-    return str(ident) if ident else f"object:{id(model_or_name)}"
+    if not ident:
+        return f"object:{id(model_or_name)}"
+    ident = str(ident)
+    if ident.startswith(("packaged:", "folder:", "gguf:", "hub:")):  # set by load_model
+        return ident
+    return model_identity(ident)  # a model loaded with from_pretrained(path or hub id): same form as a name
 
 
 def installed_packaged_models() -> list[str]:

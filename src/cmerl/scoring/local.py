@@ -268,16 +268,18 @@ class Verifier:
                 logits = torch.tanh(logits / cap) * cap
             lse = torch.logsumexp(logits, dim=-1)
             outs[0].append(logits.gather(-1, tgt[s:s + self.head_chunk, None]).squeeze(-1) - lse)
+            if not (entropy or self_certainty or top_k):
+                continue
+            logp = logits.sub_(lse[:, None])  # in place: log-probs (entropy as lse - E[logit] loses ~1e-4)
             k = 1
             if entropy:
-                probs = torch.softmax(logits, dim=-1)
-                outs[k].append(lse - (probs * logits).sum(-1))
+                outs[k].append(-(logp.exp().mul_(logp)).sum(-1))
                 k += 1
             if self_certainty:
-                outs[k].append(lse - logits.mean(-1) - log_v)
+                outs[k].append(-logp.mean(-1) - log_v)
             if top_k:
-                v, i = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-                top_vals.append(v - lse[:, None])
+                v, i = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+                top_vals.append(v)
                 top_ids.append(i)
         stats = [torch.cat(o).cpu() if o else torch.empty(0) for o in outs]
         if top_k:
