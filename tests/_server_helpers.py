@@ -1,0 +1,147 @@
+"""Real ``cmerl serve`` processes for tests: a tiny random verifier saved to a folder, a free port on
+127.0.0.1, start / wait for ``/health`` / kill / restart.
+
+``tiny_verifier_dir`` (session fixture) is an HF folder holding a tiny random llama (seed 1) with the
+real SmolLM2 tokenizer; ``tiny_local`` is the in-process :class:`Verifier` over the same folder (fp32),
+the reference every remote score is compared with; ``tiny_server`` is one shared server process over it
+(batching on, no API key). Import the fixtures you use into the test module.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+SMOLLM = "smollm2-135m-instruct"
+CMERL = str(Path(sys.executable).parent / "cmerl")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def save_tiny_verifier(folder: Path, *, alias: str = SMOLLM, seed: int = 1) -> Path:
+    """An HF folder with a tiny random model (hidden 32, 2 layers) and the real tokenizer of ``alias``."""
+    from cmerl.models import load_tokenizer
+    from cmerl.testing import tiny_for_tokenizer
+
+    tok = load_tokenizer(alias)
+    model = tiny_for_tokenizer(tok, seed=seed)
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+class ServerProcess:
+    """One ``cmerl serve`` child process on 127.0.0.1; output goes to ``log`` (shown when it fails)."""
+
+    def __init__(self, args: list[str], *, log: Path, port: int | None = None, env: dict[str, str] | None = None,
+                 ready_timeout: float = 120.0):
+        self.args = list(args)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> ServerProcess:
+        cmd = [CMERL, "serve", *self.args, "--host", "127.0.0.1", "--port", str(self.port)]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {self.ready_timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL the server (no graceful shutdown) and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM (graceful shutdown); SIGKILL after ``timeout``. Returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+        return self.proc.returncode
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_verifier_dir(tmp_path_factory) -> Path:
+    return save_tiny_verifier(tmp_path_factory.mktemp("tiny-verifier"))
+
+
+@pytest.fixture(scope="session")
+def tiny_local(tiny_verifier_dir):
+    from cmerl.scoring import Verifier
+
+    return Verifier.from_pretrained(str(tiny_verifier_dir), dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_verifier_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server-logs") / "tiny_server.log"
+    server = ServerProcess(["--verifier", str(tiny_verifier_dir), "--dtype", "float32"], log=log).start()
+    yield server
+    server.stop()
+
+
+# Pairs that exercise the renderer: string and chat prompts, system turns, unicode, an empty response.
+PAIRS: list[tuple[object, str]] = [
+    ("What is 2+2?", "2 + 2 = 4."),
+    ("Name a colour.", "Blue"),
+    ("Translate 'cat' to French.", "chat — le chat 🐱"),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}], "Hi!"),
+    ([{"role": "user", "content": "Write two lines"}], "line one\nline two\n"),
+    ("Empty answer please.", ""),
+    ("东京在哪里？", "东京在日本。"),
+    ("Tabs\tand spaces", "   leading spaces and trailing   "),
+]
