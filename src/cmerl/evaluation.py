@@ -1,0 +1,459 @@
+"""How much to trust the judge and the reward, and the one-command trained-vs-base evaluation.
+
+* :func:`judge_check`: agreement of a judge with GPT-4 Turbo's AlpacaEval annotations (bundled sample of
+  gpt4_1106_preview vs gemma-2b-it pairs, or any annotations file of that shape), with a length-only
+  baseline so a reader sees how much of the agreement "the longer answer wins" would get.
+* :func:`reward_check`: on (prompt, chosen, rejected) pairs, how often each verifier signal prefers the
+  chosen response, next to a length-only baseline, and the signals' correlation with length.
+* :func:`run_eval`: generate with the trained and the base model, judge both orders, win rate, report.
+
+Measured agreements are remembered per judge setup (``$CMERL_CACHE/judge_checks.json``) so every later
+win-rate report can state the judge's agreement.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from cmerl.generation import GenerationConfig
+from cmerl.io import read_records, write_json_atomic
+from cmerl.judging import (DecisionRule, Judge, JudgePrompt, JudgeSpec, Pair, judge_key, read_verdicts,
+                           run_judge, verdicts_header)
+from cmerl.metrics import Rate, WinRate, pearson, preference_scores, rate, spearman, win_rate
+
+JUDGE_CHECK_FILE = "judge_check_alpaca_eval_80.jsonl"
+PREFERENCE_FILE = "ultrafeedback_1000.jsonl"
+
+#: Agreement of the packaged judges with GPT-4 Turbo, measured with the default prompt, settings and
+#: decision rule by ``cmerl judge-check`` (see benchmarks/RESULTS.md, "Evaluation"). Keyed by
+#: :func:`cmerl.judging.judge_key`, so a judge run with other settings does not inherit the number.
+PACKAGED_AGREEMENT: dict[str, dict] = {}
+
+
+# --------------------------------------------------------------------------- judge-check
+@dataclass
+class ReferencePair:
+    """A pair with a reference judgement: ``reference`` is "a" (output_1 better), "b" or "tie"."""
+
+    pair: Pair
+    reference: str
+    preference: float
+
+
+def load_reference_pairs(path: str | Path | None = None, n: int | None = None) -> list[ReferencePair]:
+    """Pairs with GPT-4 Turbo preferences: the bundled sample, or an AlpacaEval ``annotations.json``
+    (rows with ``instruction``, ``output_1``, ``output_2``, ``preference`` in [1, 2], 1 = output_1 wins).
+    Rows without a numeric preference are skipped. ``n`` keeps the first n."""
+    if path is None:
+        text = resources.files("cmerl").joinpath("data", JUDGE_CHECK_FILE).read_text(encoding="utf-8")
+        rows = [(i + 1, json.loads(line)) for i, line in enumerate(text.splitlines()) if line.strip()]
+        source = f"cmerl/data/{JUDGE_CHECK_FILE}"
+    else:
+        rows, bad = read_records(path)
+        if bad:
+            raise ValueError(f"{path}: line {bad[0].line}: {bad[0].reason}")
+        source = str(path)
+    out = []
+    for line, r in rows:
+        if not isinstance(r, dict):
+            raise ValueError(f"{source}: row {line} is not an object")
+        missing = [k for k in ("instruction", "output_1", "output_2", "preference") if k not in r]
+        if missing:
+            raise ValueError(f"{source}: row {line} lacks {missing} (expected AlpacaEval annotations)")
+        pref = r["preference"]
+        if not isinstance(pref, (int, float)):
+            continue
+        ref = "a" if pref < 1.5 else "b" if pref > 1.5 else "tie"
+        pair = Pair(int(r.get("id", line - 1)), r["instruction"], r["output_1"] or "", r["output_2"] or "",
+                    r.get("dataset"), r.get("generator_1"), r.get("generator_2"))
+        out.append(ReferencePair(pair, ref, float(pref)))
+        if n is not None and len(out) >= n:
+            break
+    if not out:
+        raise ValueError(f"{source}: no usable annotated pairs")
+    return out
+
+
+def agreement_scores(verdicts: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Per pair: 1 when the verdict matches the reference, 0.5 when exactly one is a tie, 0 when they pick
+    opposite systems. Error verdicts must be removed first."""
+    out = []
+    for v, r in zip(verdicts, references):
+        if v == "error":
+            raise ValueError("remove error verdicts before computing agreement")
+        out.append(1.0 if v == r else 0.5 if "tie" in (v, r) else 0.0)
+    return out
+
+
+def length_verdict(len_a: int, len_b: int) -> str:
+    """The length-only judge: the longer response wins; equal lengths tie."""
+    return "a" if len_a > len_b else "b" if len_b > len_a else "tie"
+
+
+@dataclass
+class JudgeCheckResult:
+    """Agreement of a judge with the reference annotations on ``n`` pairs (errors excluded, counted).
+
+    agreement: ties count half; decisive: among pairs where the judge did not tie; consistency: fraction
+    whose two orders agreed; length_baseline: agreement of "the longer response wins" on the same pairs.
+    """
+
+    judge: str
+    key: str
+    n: int
+    errors: int
+    ties: int
+    agreement: Rate
+    decisive_agreement: Rate
+    consistency: Rate
+    length_baseline: Rate
+    reference_b_wins: int
+    data: str
+    verdicts: str
+    settings: dict = field(default_factory=dict)
+    measured: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        a = self.agreement
+        return (f"judge {self.judge}: agreement with GPT-4 Turbo {_pct(a.value)} (95% CI {_pct(a.ci_low)}-"
+                f"{_pct(a.ci_high)}, n={self.n}, {self.ties} ties, {self.errors} errors); position consistency "
+                f"{_pct(self.consistency.value)}; length-only baseline {_pct(self.length_baseline.value)}")
+
+
+def judge_check(judge: Judge, *, output: str | Path, n: int = 40, data: str | Path | None = None,
+                rule: DecisionRule = DecisionRule(), prompt: JudgePrompt | None = None, seed: int = 0,
+                progress: bool = False, remember: bool = True) -> JudgeCheckResult:
+    """Judge ``n`` reference pairs (resumably, into ``output``) and compare with the reference verdicts."""
+    refs = load_reference_pairs(data, n)
+    prompt = prompt or getattr(judge, "prompt", None) or JudgePrompt.load()
+    source = str(data) if data else f"cmerl/data/{JUDGE_CHECK_FILE}"
+    header = verdicts_header(judge, rule, prompt, a={"path": source, "generator": "output_1"},
+                             b={"path": source, "generator": "output_2"})
+    rows = run_judge(judge, [r.pair for r in refs], output, rule=rule, header=header, progress=progress)
+    by_key = {(r["index"], r["instruction"]): r for r in rows}
+    kept = [(ref, by_key[(ref.pair.index, ref.pair.instruction)]) for ref in refs
+            if (ref.pair.index, ref.pair.instruction) in by_key]
+    judged = [(ref, row) for ref, row in kept if row["verdict"] != "error"]
+    verdicts = [row["verdict"] for _, row in judged]
+    references = [ref.reference for ref, _ in judged]
+    decisive = [(v, r) for v, r in zip(verdicts, references) if v != "tie"]
+    length = [length_verdict(len(ref.pair.output_a), len(ref.pair.output_b)) for ref, _ in judged]
+    result = JudgeCheckResult(
+        judge=judge.name, key=judge_key(header), n=len(judged), errors=len(kept) - len(judged),
+        ties=verdicts.count("tie"),
+        agreement=rate(agreement_scores(verdicts, references), seed=seed),
+        decisive_agreement=rate(agreement_scores([v for v, _ in decisive], [r for _, r in decisive]), seed=seed),
+        consistency=rate([1.0 if row["consistent"] else 0.0 for _, row in judged], seed=seed),
+        length_baseline=rate(agreement_scores(length, references), seed=seed),
+        reference_b_wins=references.count("b"), data=source, verdicts=str(output),
+        settings={"judge": header["judge"]["settings"], "decision": header["decision"],
+                  "prompt_sha256": prompt.sha256},
+        measured=time.strftime("%Y-%m-%d"))
+    if remember:
+        remember_agreement(result)
+    return result
+
+
+def _registry_path() -> Path:
+    from cmerl.models import cache_dir
+
+    return cache_dir() / "judge_checks.json"
+
+
+def remember_agreement(result: JudgeCheckResult) -> None:
+    """Store a judge-check summary under its judge key, for later reports."""
+    path = _registry_path()
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        data = {}
+    data[result.key] = _agreement_summary(result)
+    write_json_atomic(path, data)
+
+
+def _agreement_summary(result: JudgeCheckResult) -> dict:
+    return {"judge": result.judge, "agreement": result.agreement.value, "ci_low": result.agreement.ci_low,
+            "ci_high": result.agreement.ci_high, "n": result.n, "consistency": result.consistency.value,
+            "length_baseline": result.length_baseline.value, "measured": result.measured,
+            "source": "cmerl judge-check"}
+
+
+def lookup_agreement(header: dict | None) -> dict | None:
+    """The measured agreement of the judge setup in a verdicts header: from this machine's judge-checks,
+    else from :data:`PACKAGED_AGREEMENT`; ``None`` when never measured."""
+    if not header:
+        return None
+    key = judge_key(header)
+    path = _registry_path()
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            data = {}
+        if key in data:
+            return data[key]
+    return PACKAGED_AGREEMENT.get(key)
+
+
+# --------------------------------------------------------------------------- reward-check
+@dataclass
+class PreferencePair:
+    prompt: str | list
+    chosen: str
+    rejected: str
+
+
+def load_preference_pairs(path: str | Path | None = None, n: int | None = None) -> list[PreferencePair]:
+    """(prompt, chosen, rejected) rows: the bundled UltraFeedback sample or any JSON/JSONL file with those
+    string fields (TRL's conversational ``[{"role", "content"}]`` form is accepted for all three)."""
+    from cmerl.formatting import completion_text
+
+    if path is None:
+        text = resources.files("cmerl").joinpath("data", PREFERENCE_FILE).read_text(encoding="utf-8")
+        rows = [(i + 1, json.loads(line)) for i, line in enumerate(text.splitlines()) if line.strip()]
+        source = f"cmerl/data/{PREFERENCE_FILE}"
+    else:
+        rows, bad = read_records(path)
+        if bad:
+            raise ValueError(f"{path}: line {bad[0].line}: {bad[0].reason}")
+        source = str(path)
+    out = []
+    for line, r in rows:
+        if not isinstance(r, dict) or any(k not in r for k in ("prompt", "chosen", "rejected")):
+            raise ValueError(f"{source}: row {line} needs 'prompt', 'chosen' and 'rejected' fields")
+        try:
+            chosen, rejected = completion_text(r["chosen"]), completion_text(r["rejected"])
+        except TypeError as exc:
+            raise ValueError(f"{source}: row {line}: {exc}") from None
+        out.append(PreferencePair(r["prompt"], chosen, rejected))
+        if n is not None and len(out) >= n:
+            break
+    if not out:
+        raise ValueError(f"{source}: no preference pairs")
+    return out
+
+
+@dataclass
+class SignalCheck:
+    """One signal: how often it prefers chosen, and its correlation with response length (tokens)."""
+
+    accuracy: Rate
+    pearson_length: float | None
+    spearman_length: float | None
+
+
+@dataclass
+class RewardCheckResult:
+    verifier: str
+    n: int
+    signals: dict[str, SignalCheck]
+    length_baseline: Rate
+    mean_tokens_chosen: float
+    mean_tokens_rejected: float
+    truncated: int
+    seconds: float
+    data: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        """A markdown table of the result."""
+        lines = ["| signal | prefers chosen | 95% CI | Pearson r with length | Spearman ρ with length |",
+                 "|---|---|---|---|---|"]
+        for name, s in self.signals.items():
+            lines.append(f"| {name} | {_pct(s.accuracy.value)} | {_pct(s.accuracy.ci_low)}-{_pct(s.accuracy.ci_high)}"
+                         f" | {_num(s.pearson_length)} | {_num(s.spearman_length)} |")
+        b = self.length_baseline
+        lines.append(f"| length only (longer wins) | {_pct(b.value)} | {_pct(b.ci_low)}-{_pct(b.ci_high)} | 1 | 1 |")
+        return "\n".join(lines)
+
+
+def reward_check(verifier, pairs: Sequence[PreferencePair], *, signals: Sequence[str] = ("mean_logprob",
+                 "sum_logprob", "neg_entropy"), seed: int = 0, progress: bool = False,
+                 data: str = "") -> RewardCheckResult:
+    """Score chosen and rejected responses with a verifier (a :class:`~cmerl.scoring.Verifier` or anything
+    with its ``score``) and summarise each signal; the length baseline prefers the longer text (chars)."""
+    t0 = time.perf_counter()
+    prompts = [p.prompt for p in pairs]
+    scores = verifier.score(prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs],
+                            entropy="neg_entropy" in signals, progress=progress)
+    n = len(pairs)
+    chosen, rejected = scores[:n], scores[n:]
+    lengths = [s.n_tokens for s in scores]
+    out = {}
+    for name in signals:
+        values = [s.signal(name) for s in scores]
+        out[name] = SignalCheck(rate(preference_scores(values[:n], values[n:]), seed=seed),
+                                pearson(values, lengths), spearman(values, lengths))
+    length = rate(preference_scores([len(p.chosen) for p in pairs], [len(p.rejected) for p in pairs]), seed=seed)
+    return RewardCheckResult(
+        verifier=str(getattr(verifier, "name", verifier)), n=n, signals=out, length_baseline=length,
+        mean_tokens_chosen=sum(s.n_tokens for s in chosen) / n, mean_tokens_rejected=sum(s.n_tokens for s in rejected) / n,
+        truncated=sum(s.truncated for s in scores), seconds=time.perf_counter() - t0, data=data)
+
+
+# --------------------------------------------------------------------------- one-command evaluation
+@dataclass
+class EvalPlan:
+    """``cmerl eval``: generate with ``trained`` and ``base`` on ``prompts``, judge trained (A) against base
+    (B) with ``judge``, and write everything under ``output_dir``."""
+
+    trained: str
+    base: str
+    judge: JudgeSpec
+    prompts: str
+    output_dir: Path
+    generation: GenerationConfig
+    rule: DecisionRule = field(default_factory=DecisionRule)
+    seed: int = 0
+
+
+def generator_label(name: str) -> str:
+    """A short generator name for a model name or folder (the folder's name)."""
+    p = Path(name).expanduser()
+    return p.resolve().name if p.is_dir() else name
+
+
+def ensure_outputs(name: str, items, output: Path, config, *, generator: str | None = None,
+                   progress: bool = False) -> list[dict]:
+    """Generate ``output`` for ``items`` with model ``name`` unless it is already complete (resumable)."""
+    import gc
+
+    from cmerl.generation import generate_outputs, load_generator, outputs_complete
+
+    label = generator or generator_label(name)
+    if outputs_complete(output, items, generator=label, config=config):
+        rows, _ = read_records(output)
+        return [r for _, r in rows]
+    model, tok = load_generator(name, dtype=config.dtype)
+    try:
+        return generate_outputs(model, tok, items, output, generator=label, config=config, progress=progress)
+    finally:
+        del model
+        gc.collect()
+
+
+def find_metrics(run_dir: str | Path) -> Path | None:
+    """``metrics.jsonl`` of a training run folder (itself or one level down), if any."""
+    p = Path(run_dir).expanduser()
+    if not p.is_dir():
+        return None
+    for cand in [p / "metrics.jsonl", *sorted(p.glob("*/metrics.jsonl"))]:
+        if cand.is_file():
+            return cand
+    return None
+
+
+def run_eval(plan: EvalPlan, *, progress: bool = True, log=print) -> "WinRateSummary":
+    """Run the whole evaluation (each step resumable) and return the win-rate summary."""
+    import gc
+
+    from cmerl.generation import load_prompt_items
+    from cmerl.judging import load_pairs
+    from cmerl.report import write_report
+
+    out = Path(plan.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    items = load_prompt_items(plan.prompts)
+    paths = {"trained": out / "outputs_trained.json", "base": out / "outputs_base.json"}
+    for role, name in (("trained", plan.trained), ("base", plan.base)):
+        log(f"[1/3] generating {len(items)} outputs with the {role} model {name} -> {paths[role]}")
+        ensure_outputs(name, items, paths[role], plan.generation, progress=progress)
+    log(f"[2/3] judging with {plan.judge.name} (both orders) -> {out / 'verdicts.jsonl'}")
+    judge = plan.judge.build()
+    try:
+        pairs, warnings = load_pairs(paths["trained"], paths["base"])
+        for w in warnings:
+            log(f"warning: {w}")
+        header = verdicts_header(judge, plan.rule, judge.prompt,
+                                 a={"path": str(paths["trained"]), "generator": generator_label(plan.trained)},
+                                 b={"path": str(paths["base"]), "generator": generator_label(plan.base)})
+        run_judge(judge, pairs, out / "verdicts.jsonl", rule=plan.rule, header=header, progress=progress)
+    finally:
+        if hasattr(judge, "close"):
+            judge.close()
+        del judge
+        gc.collect()
+    summary = summarize_verdicts(out / "verdicts.jsonl", seed=plan.seed)
+    write_json_atomic(out / "winrate.json", summary.to_dict())
+    log("[3/3] writing the report")
+    write_report(out, metrics=find_metrics(plan.trained))
+    return summary
+
+
+# --------------------------------------------------------------------------- win rate of a verdicts file
+@dataclass
+class WinRateSummary:
+    """A verdicts file summarised: the win rate of A over B, who judged, and how far to trust the judge."""
+
+    winrate: WinRate
+    judge: str
+    judge_settings: dict
+    decision: dict
+    agreement: dict | None
+    a: dict
+    b: dict
+    verdicts: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self) -> str:
+        """A few readable lines (what ``cmerl winrate`` prints)."""
+        w = self.winrate
+        name_a = self.a.get("generator") or self.a.get("path") or "A"
+        name_b = self.b.get("generator") or self.b.get("path") or "B"
+        lines = [f"A = {name_a}   vs   B = {name_b}   ({self.verdicts})",
+                 f"judged pairs n={w.n}: wins {w.wins} / ties {w.ties} / losses {w.losses}; errors excluded: {w.errors}"]
+        if w.n:
+            lines.append(f"win rate of A (ties count half): {_pct(w.win_rate)}  "
+                         f"[{int(w.level * 100)}% bootstrap CI {_pct(w.ci_low)}-{_pct(w.ci_high)}]")
+            lines.append(f"win rate without ties: {_pct(w.win_rate_no_ties)}; "
+                         f"position consistency of the judge: {_pct(w.consistency)}")
+            lines.append(f"mean length (chars): A {_num0(w.mean_len_a)}, B {_num0(w.mean_len_b)}")
+        lines.append(f"judge: {self.judge} ({self.judge_settings.get('kind', '?')}, "
+                     f"{self.judge_settings.get('mode', '?')}); {agreement_text(self.agreement, self.judge)}")
+        return "\n".join(lines)
+
+
+def agreement_text(agreement: dict | None, judge: str) -> str:
+    """One phrase stating a judge's measured agreement with GPT-4 Turbo, or that it is unknown."""
+    if not agreement:
+        return (f"agreement with GPT-4 Turbo not measured for this judge setup (run: cmerl judge-check "
+                f"--judge {judge})")
+    return (f"agreement with GPT-4 Turbo {_pct(agreement.get('agreement'))} (95% CI {_pct(agreement.get('ci_low'))}-"
+            f"{_pct(agreement.get('ci_high'))}, n={agreement.get('n')}, {agreement.get('source', 'judge-check')}, "
+            f"{agreement.get('measured', '')}; length-only baseline {_pct(agreement.get('length_baseline'))})")
+
+
+def summarize_verdicts(path: str | Path, *, n_boot: int = 10_000, seed: int = 0) -> WinRateSummary:
+    """Win rate of a verdicts file (see :func:`cmerl.metrics.win_rate`) with the judge and its agreement."""
+    header, rows = read_verdicts(path)
+    if header is None:
+        raise ValueError(f"{path} has no cmerl verdicts header (first line); was it written by cmerl judge?")
+    wr = win_rate([r["verdict"] for r in rows], consistent=[r.get("consistent") for r in rows],
+                  len_a=[r.get("len_a") for r in rows], len_b=[r.get("len_b") for r in rows],
+                  n_boot=n_boot, seed=seed)
+    return WinRateSummary(wr, header["judge"]["name"], header["judge"]["settings"], header.get("decision", {}),
+                          lookup_agreement(header), header.get("a", {}), header.get("b", {}), str(path))
+
+
+def _num0(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0f}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.2f}"

@@ -1,0 +1,294 @@
+"""A markdown report with PNG figures from a training run folder or an evaluation results folder.
+
+What it looks for in the folder (each part is optional; the report says what it did not find):
+
+* ``metrics.jsonl`` (here or one folder down): one JSON object per logged training step with TRL metric
+  names (``step``, ``reward``, ``rewards/<name>/mean``, ``completions/mean_length``, ...). Missing keys and
+  non-numeric values are skipped. → reward and length curves.
+* ``*verdicts*.jsonl`` (cmerl judge output): win / tie / loss bars with bootstrap intervals, and the length
+  distributions of A and B.
+* AlpacaEval outputs files written by ``cmerl generate`` (``*.json`` lists with ``generation``): length,
+  truncation and repetition statistics per generator.
+* ``judge_check*.json`` and ``reward_check*.json`` results (from ``cmerl judge-check`` / ``reward-check``).
+
+Figures go to ``<folder>/figures/``; the report is ``<folder>/report.md`` unless told otherwise.
+Matplotlib runs on the Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cmerl.io import iter_jsonl, read_records
+
+REWARD_KEYS = ("reward",)
+LENGTH_KEYS = ("completions/mean_length", "completions/min_length", "completions/max_length")
+
+
+@dataclass
+class Report:
+    """Where the report was written and which inputs it used."""
+
+    path: Path
+    figures: list[Path] = field(default_factory=list)
+    inputs: list[Path] = field(default_factory=list)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_training_metrics(path: str | Path) -> list[dict]:
+    """Rows of a ``metrics.jsonl``: numeric values only, each with a ``step`` (``step``/``global_step``,
+    else the row number). Torn or invalid lines are skipped."""
+    rows = []
+    for k, obj in enumerate(iter_jsonl(path)):
+        if not isinstance(obj, dict):
+            continue
+        row = {key: float(v) for key, v in obj.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        row["step"] = row.get("step", row.get("global_step", float(k)))
+        rows.append(row)
+    return rows
+
+
+def training_curves(rows: list[dict], figure: Path) -> tuple[Path | None, list[str]]:
+    """Plot reward curves (``reward``, ``rewards/*/mean``) and completion length curves; returns the figure
+    path (``None`` when no plotted key exists) and the plotted keys."""
+    keys = sorted({k for r in rows for k in r})
+    reward_keys = [k for k in keys if k in REWARD_KEYS or (k.startswith("rewards/") and k.endswith("/mean"))]
+    length_keys = [k for k in LENGTH_KEYS if k in keys]
+    panels = [(title, ks) for title, ks in (("reward", reward_keys), ("completion length (tokens)", length_keys)) if ks]
+    if not panels:
+        return None, []
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
+    for ax, (title, ks) in zip(axes[0], panels):
+        for key in ks:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None,
+                    markersize=3, label=key)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=110)
+    plt.close(fig)
+    return figure, [k for _, ks in panels for k in ks]
+
+
+def winrate_figure(summary, rows: list[dict], figure: Path, seed: int = 0) -> Path:
+    """Bars of the win, tie and loss fractions of A (errors excluded), each with its bootstrap interval,
+    and the tie-adjusted win rate with its interval."""
+    from cmerl.metrics import rate
+
+    judged = [r["verdict"] for r in rows if r["verdict"] != "error"]
+    labels = ["win (A)", "tie", "loss (A)", "win rate\n(ties half)"]
+    vals, los, his = [], [], []
+    for v in ("a", "tie", "b"):
+        r = rate([1.0 if x == v else 0.0 for x in judged], seed=seed)
+        vals.append(r.value or 0.0)
+        los.append(r.ci_low or 0.0)
+        his.append(r.ci_high or 0.0)
+    w = summary.winrate
+    vals.append(w.win_rate or 0.0)
+    los.append(w.ci_low or 0.0)
+    his.append(w.ci_high or 0.0)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    err = [[v - lo for v, lo in zip(vals, los)], [hi - v for v, hi in zip(vals, his)]]
+    ax.bar(labels, vals, color=["#4c72b0", "#999999", "#c44e52", "#55a868"], yerr=err, capsize=5)
+    ax.axhline(0.5, color="black", lw=0.8, ls="--")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("fraction of judged pairs")
+    a = summary.a.get("generator") or "A"
+    b = summary.b.get("generator") or "B"
+    ax.set_title(f"{a} vs {b} (n={w.n}, judge {summary.judge})", fontsize=9)
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=110)
+    plt.close(fig)
+    return figure
+
+
+def length_figure(len_a: list[float], len_b: list[float], figure: Path, label_a: str = "A",
+                  label_b: str = "B") -> Path:
+    """Overlaid histograms of response lengths (characters) of A and B."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    hi = max([1.0, *len_a, *len_b])
+    bins = [hi * k / 20 for k in range(21)]
+    ax.hist(len_a, bins=bins, alpha=0.55, label=f"{label_a} (mean {sum(len_a) / max(1, len(len_a)):.0f})")
+    ax.hist(len_b, bins=bins, alpha=0.55, label=f"{label_b} (mean {sum(len_b) / max(1, len(len_b)):.0f})")
+    ax.set_xlabel("response length (characters)")
+    ax.set_ylabel("responses")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=110)
+    plt.close(fig)
+    return figure
+
+
+def _is_outputs_file(path: Path) -> list[dict] | None:
+    try:
+        rows, _ = read_records(path)
+    except (ValueError, OSError, UnicodeDecodeError):
+        return None
+    objs = [r for _, r in rows]
+    if objs and all(isinstance(r, dict) and "instruction" in r and "output" in r for r in objs):
+        return objs
+    return None
+
+
+def _fmt_pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def write_report(directory: str | Path, *, output: str | Path | None = None, metrics: str | Path | None = None,
+                 seed: int = 0) -> Report:
+    """Write ``report.md`` (and figures) for a run or results folder; see the module docstring."""
+    from cmerl.evaluation import agreement_text, find_metrics, summarize_verdicts
+    from cmerl.metrics import length_stats
+
+    d = Path(directory).expanduser()
+    if not d.is_dir():
+        raise FileNotFoundError(f"report folder not found: {d}")
+    out = Path(output) if output else d / "report.md"
+    figdir = out.parent / "figures"
+    rel = lambda p: Path(p).resolve().relative_to(out.parent.resolve()).as_posix()  # noqa: E731
+    rep = Report(out)
+    lines = [f"# cmerl report: {d.resolve().name}", ""]
+    missing = []
+
+    # --- evaluation: verdicts
+    verdict_files = sorted(p for p in d.glob("*verdicts*.jsonl"))
+    if verdict_files:
+        lines += ["## Pairwise evaluation", ""]
+    for vf in verdict_files:
+        try:
+            summary = summarize_verdicts(vf, seed=seed)
+        except ValueError as exc:
+            lines += [f"- `{vf.name}`: skipped ({exc})", ""]
+            continue
+        from cmerl.judging import read_verdicts
+
+        _, rows = read_verdicts(vf)
+        rep.inputs.append(vf)
+        w = summary.winrate
+        a = summary.a.get("generator") or "A"
+        b = summary.b.get("generator") or "B"
+        stem = vf.name.removesuffix(".jsonl").replace(".", "_")
+        lines += [f"### {a} (A) vs {b} (B) — `{vf.name}`", "",
+                  f"Judge: **{summary.judge}** ({summary.judge_settings.get('kind')}, "
+                  f"{summary.judge_settings.get('mode')} mode, tie threshold {summary.decision.get('threshold')} nats"
+                  f"{', ties when orders disagree' if summary.decision.get('require_consistent') else ''}); "
+                  f"{agreement_text(summary.agreement, summary.judge)}.", "",
+                  "| pairs judged | wins | ties | losses | errors (excluded) | win rate, ties half | 95% CI | "
+                  "win rate w/o ties | position consistency | mean chars A | mean chars B |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|",
+                  f"| {w.n} | {w.wins} | {w.ties} | {w.losses} | {w.errors} | {_fmt_pct(w.win_rate)} | "
+                  f"{_fmt_pct(w.ci_low)}-{_fmt_pct(w.ci_high)} | {_fmt_pct(w.win_rate_no_ties)} | "
+                  f"{_fmt_pct(w.consistency)} | {w.mean_len_a or 0:.0f} | {w.mean_len_b or 0:.0f} |", ""]
+        if w.n:
+            f1 = winrate_figure(summary, rows, figdir / f"{stem}_winrate.png", seed=seed)
+            judged = [r for r in rows if r["verdict"] != "error" and r.get("len_a") is not None]
+            f2 = length_figure([r["len_a"] for r in judged], [r["len_b"] for r in judged],
+                               figdir / f"{stem}_lengths.png", a, b)
+            rep.figures += [f1, f2]
+            lines += [f"![win / tie / loss]({rel(f1)})", "", f"![response lengths]({rel(f2)})", "",
+                      "LLM judges favour longer responses; compare the lengths before reading the win rate.", ""]
+    if not verdict_files:
+        missing.append("no `*verdicts*.jsonl` (run `cmerl judge` or `cmerl eval`)")
+
+    # --- outputs files
+    outputs = [(p, rows) for p in sorted(d.glob("*.json")) if (rows := _is_outputs_file(p))]
+    if outputs:
+        lines += ["## Generated outputs", "",
+                  "| file | generator | n | mean chars | median chars | mean words | empty | stopped at max length | "
+                  "4-gram repetition |", "|---|---|---|---|---|---|---|---|---|"]
+        for p, rows in outputs:
+            rep.inputs.append(p)
+            st = length_stats([str(r.get("output", "")) for r in rows])
+            cut = sum(1 for r in rows if r.get("finish_reason") == "length") / len(rows)
+            lines.append(f"| `{p.name}` | {rows[0].get('generator', '?')} | {st['n']} | {st['mean_chars']:.0f} | "
+                         f"{st['median_chars']:.0f} | {st['mean_words']:.0f} | {_fmt_pct(st['empty_frac'])} | "
+                         f"{_fmt_pct(cut)} | {_fmt_pct(st['repetition_4gram'])} |")
+        gen = outputs[0][1][0].get("generation")
+        if gen:
+            lines += ["", f"Generation settings: `{json.dumps(gen, sort_keys=True)}`"]
+        lines.append("")
+
+    # --- judge-check and reward-check results
+    for p in sorted(d.glob("**/judge_check*.json")):
+        try:
+            res = json.loads(p.read_text())
+            ag, cons, lb = res["agreement"], res["consistency"], res["length_baseline"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        rep.inputs.append(p)
+        lines += [f"## Judge check: {res['judge']} (`{p.relative_to(d)}`)", "",
+                  "| pairs | agreement with GPT-4 Turbo | 95% CI | ties | errors | position consistency | "
+                  "length-only baseline |", "|---|---|---|---|---|---|---|",
+                  f"| {res['n']} | {_fmt_pct(ag['value'])} | {_fmt_pct(ag['ci_low'])}-{_fmt_pct(ag['ci_high'])} | "
+                  f"{res['ties']} | {res['errors']} | {_fmt_pct(cons['value'])} | {_fmt_pct(lb['value'])} |", ""]
+    for p in sorted(d.glob("**/reward_check*.json")):
+        try:
+            res = json.loads(p.read_text())
+            sig = res["signals"]
+        except (ValueError, KeyError):
+            continue
+        rep.inputs.append(p)
+        lines += [f"## Reward check: {res['verifier']} (`{p.relative_to(d)}`, {res['n']} pairs)", "",
+                  "| signal | prefers chosen | 95% CI | Pearson r with length | Spearman ρ with length |",
+                  "|---|---|---|---|---|"]
+        for name, s in sig.items():
+            acc = s["accuracy"]
+            lines.append(f"| {name} | {_fmt_pct(acc['value'])} | {_fmt_pct(acc['ci_low'])}-{_fmt_pct(acc['ci_high'])} "
+                         f"| {_corr(s['pearson_length'])} | {_corr(s['spearman_length'])} |")
+        lb = res["length_baseline"]
+        lines += [f"| length only (longer wins) | {_fmt_pct(lb['value'])} | {_fmt_pct(lb['ci_low'])}-"
+                  f"{_fmt_pct(lb['ci_high'])} | | |", ""]
+
+    # --- training curves
+    mpath = Path(metrics) if metrics else find_metrics(d)
+    if mpath and Path(mpath).is_file():
+        rows = read_training_metrics(mpath)
+        fig, keys = training_curves(rows, figdir / "training_curves.png")
+        rep.inputs.append(Path(mpath))
+        lines += ["## Training", "", f"{len(rows)} logged steps from `{mpath}`.", ""]
+        if fig:
+            rep.figures.append(fig)
+            lines += [f"![training curves]({rel(fig)})", ""]
+            last = rows[-1]
+            lines += ["| metric | first | last |", "|---|---|---|"]
+            for k in keys:
+                first = next((r[k] for r in rows if k in r), None)
+                final = next((r[k] for r in reversed(rows) if k in r), None)
+                lines.append(f"| {k} | {first:.4g} | {final:.4g} |")
+            lines += ["", f"Last logged step: {last['step']:.0f}.", ""]
+        else:
+            lines += ["No reward or length metrics in it.", ""]
+    else:
+        missing.append("no `metrics.jsonl` (a training run writes one)")
+    if missing:
+        lines += ["## Not found", ""] + [f"- {m}" for m in missing] + [""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(out)
+    return rep
+
+
+def _corr(x) -> str:
+    return "n/a" if x is None else f"{x:+.2f}"
