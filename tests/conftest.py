@@ -20,6 +20,9 @@ Tiny random causal LMs (hidden 32, 2 layers, fp32, eval mode), sized and wired f
   arch, seed 0): use them as a "policy".
 * ``tiny_llama_verifier``, ``tiny_qwen_verifier``, ``tiny_gemma_verifier``: :class:`cmerl.scoring.Verifier`
   over a *different* random model (seed 1) with the same tokenizer, so a verifier never is the policy.
+  Their output projection is scaled by ``PEAK_SCALE`` (20) so next-token distributions are peaked
+  (entropy ~5-10 nats instead of log V ~11-12, log-probs spread from ~-2 to the -20 floor), which makes
+  entropy and log-prob comparisons discriminative.
 * ``tiny_verifier``: parametrized over the three tiny verifiers.
 
 Packaged models (mark tests using them ``@pytest.mark.slow``):
@@ -43,10 +46,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 SMOLLM = "smollm2-135m-instruct"
 QWEN = "qwen2.5-coder-0.5b-instruct"
 GEMMA = "gemma-3-270m"
+PEAK_SCALE = 20.0  # tiny verifiers' output projection is scaled by this
 FAMILIES = {"smollm": (SMOLLM, "llama"), "qwen": (QWEN, "qwen2"), "gemma": (GEMMA, "gemma3_text")}
 
 
@@ -101,7 +106,10 @@ def tiny_gemma(gemma_tokenizer):
 def _tiny_verifier(tokenizer, family: str):
     from cmerl.scoring import Verifier
 
-    return Verifier(_tiny(tokenizer, family, 1), tokenizer, name=f"tiny-{family}-verifier")
+    model = _tiny(tokenizer, family, 1)
+    with torch.no_grad():  # peaked next-token distributions (entropy well below log V), like a trained LM
+        model.get_output_embeddings().weight.mul_(PEAK_SCALE)
+    return Verifier(model, tokenizer, name=f"tiny-{family}-verifier")
 
 
 @pytest.fixture(scope="session")

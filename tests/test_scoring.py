@@ -13,6 +13,8 @@ from cmerl.scoring import DEFAULT_LOGPROB_FLOOR, ResponseScore, ScoreRequest, Ve
 from cmerl.scoring.local import plan_batches
 from cmerl.testing import tiny_for_tokenizer
 
+from _core_helpers import reference
+
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about autumn leaves falling in a quiet forest, then explain the imagery line by line.",
@@ -32,21 +34,6 @@ RESPONSES = [
     "and you keep opening until there is no doll left inside. Recursion is a task that contains a smaller "
     "copy of itself.",
 ]
-
-
-def reference(model, ids: list[int], start: int) -> dict[str, torch.Tensor]:
-    """One sequence, ``model(ids).logits``, full log-softmax in float64; stats at positions start..end."""
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].double()
-    logp = torch.log_softmax(logits, dim=-1)[start - 1:len(ids) - 1]  # rows predicting the response tokens
-    target = torch.tensor(ids[start:])
-    p = logp.exp()
-    return {
-        "logprobs": logp.gather(-1, target[:, None]).squeeze(-1),
-        "entropy": -(p * logp).sum(-1),
-        "self_certainty": -logp.mean(-1) - math.log(logp.shape[-1]),  # KL(U || p)
-        "logp": logp,
-    }
 
 
 def assert_matches_reference(verifier: Verifier, score: ResponseScore, ids: list[int], start: int,

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from cmerl.cli.app import app
+from cmerl.formatting import as_messages
 
 
 def extract_pair(row: object) -> tuple[object, str]:
@@ -21,6 +22,11 @@ def extract_pair(row: object) -> tuple[object, str]:
         raise ValueError("missing field 'response' (or 'output')")
     if not isinstance(prompt, (str, list)):
         raise ValueError(f"'prompt' must be a string or a message list (got {type(prompt).__name__})")
+    if isinstance(prompt, list):
+        try:
+            as_messages(prompt)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"'prompt': {exc}") from None
     if not isinstance(response, str):
         raise ValueError(f"'response' must be a string (got {type(response).__name__})")
     return prompt, response
@@ -38,12 +44,18 @@ def score(
 ) -> None:
     """Score (prompt, response) rows with a verifier: CME (mean log-prob), sum, token count, truncation."""
     from rich.console import Console
+    from rich.markup import escape
 
     from cmerl.io import BadRow, read_records, write_records
+    from cmerl.models import ModelNotAvailableError
     from cmerl.scoring import Verifier
 
     console = Console(stderr=True)
-    rows, bad = read_records(input)
+    try:
+        rows, bad = read_records(input)
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(2) from None
     good, pairs = [], []
     for line, row in rows:
         try:
@@ -52,11 +64,15 @@ def score(
         except ValueError as exc:
             bad.append(BadRow(line, str(exc)))
     for b in sorted(bad, key=lambda b: b.line):
-        console.print(f"[yellow]skipped line {b.line}: {b.reason}[/yellow]")
+        console.print(f"[yellow]skipped line {b.line}: {escape(b.reason)}[/yellow]")
     if not pairs:
         console.print(f"[red]no usable rows in {input}[/red]")
         raise typer.Exit(1)
-    v = Verifier.from_pretrained(verifier, dtype=dtype, max_batch_tokens=batch_tokens)
+    try:
+        v = Verifier.from_pretrained(verifier, dtype=dtype, max_batch_tokens=batch_tokens)
+    except (FileNotFoundError, ValueError, ModelNotAvailableError) as exc:
+        console.print(f"[red]cannot load verifier {escape(repr(verifier))}: {escape(str(exc))}[/red]")
+        raise typer.Exit(2) from None
     scores = v.score([p for p, _ in pairs], [r for _, r in pairs], entropy=entropy, progress=True)
     out = []
     for (line, row), s in zip(good, scores):

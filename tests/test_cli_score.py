@@ -1,0 +1,128 @@
+"""``cmerl score`` end to end on real files with a tiny verifier folder; malformed rows by line number."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cmerl.cli import app
+from cmerl.scoring import Verifier
+from cmerl.testing import tiny_for_tokenizer
+
+
+@pytest.fixture(scope="module")
+def verifier_folder(tmp_path_factory, smollm_tokenizer):
+    folder = tmp_path_factory.mktemp("tiny-verifier")
+    tiny_for_tokenizer(smollm_tokenizer, arch="llama", seed=21).save_pretrained(folder)
+    smollm_tokenizer.save_pretrained(folder)
+    return folder
+
+
+GOOD = [
+    {"prompt": "What is 2+2?", "response": "4", "id": "a"},
+    {"instruction": "Name a colour.", "output": "Blue.", "generator": "me"},  # AlpacaEval fields
+    {"prompt": [{"role": "user", "content": "Say hi."}], "response": "Hi!"},
+    {"prompt": "Empty answer", "response": ""},
+]
+# (line written, reason fragment); line numbers are 1-based lines of the JSONL file.
+BAD = [
+    ('{"prompt": "unterminated', "invalid JSON"),
+    ('{"prompt": "no response"}', "missing field 'response'"),
+    ('{"prompt": "x", "response": 7}', "'response' must be a string"),
+    ('{"prompt": [1, 2], "response": "x"}', "'prompt'"),
+    ('["not", "an", "object"]', "not a JSON object"),
+]
+
+
+def write_input(path: Path) -> tuple[list[int], dict[int, str]]:
+    """Interleave good and bad rows (and a blank line); return good line numbers and bad line → reason."""
+    lines, good_lines, bad_lines = [], [], {}
+    for i in range(max(len(GOOD), len(BAD))):
+        if i < len(GOOD):
+            lines.append(json.dumps(GOOD[i]))
+            good_lines.append(len(lines))
+        if i == 1:
+            lines.append("")
+        if i < len(BAD):
+            lines.append(BAD[i][0])
+            bad_lines[len(lines)] = BAD[i][1]
+    path.write_text("\n".join(lines) + "\n")
+    return good_lines, bad_lines
+
+
+def test_score_jsonl_reports_bad_rows_and_scores_the_rest(tmp_path, verifier_folder):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    good_lines, bad_lines = write_input(inp)
+    result = CliRunner().invoke(app, ["score", "--verifier", str(verifier_folder), "--input", str(inp),
+                                      "--output", str(out), "--dtype", "float32", "--entropy", "--tokens"])
+    assert result.exit_code == 0, result.output
+    stderr = result.stderr
+    reported = {int(n): None for n in re.findall(r"skipped line (\d+):", stderr)}
+    assert set(reported) == set(bad_lines)
+    for line, reason in bad_lines.items():
+        block = stderr.split(f"skipped line {line}:", 1)[1].split("skipped line", 1)[0]
+        assert reason in " ".join(block.split()), (line, block)
+    assert f"scored {len(GOOD)} rows ({len(BAD)} skipped)" in " ".join(stderr.split())
+
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == len(GOOD)
+    expected = Verifier.from_pretrained(str(verifier_folder), dtype="float32").score(
+        [r.get("prompt", r.get("instruction")) for r in GOOD], [r.get("response", r.get("output")) for r in GOOD],
+        entropy=True)
+    for row, src, exp in zip(rows, GOOD, expected):
+        assert {k: row[k] for k in src} == src  # the input fields come back unchanged
+        assert row["cme"] == pytest.approx(exp.mean_logprob, abs=1e-6)
+        assert row["sum_logprob"] == pytest.approx(exp.sum_logprob, abs=1e-5)
+        assert row["n_tokens"] == exp.n_tokens and row["truncated"] is False
+        assert row["mean_entropy"] == pytest.approx(exp.mean_entropy, abs=1e-5)
+        assert row["token_logprobs"] == pytest.approx(exp.token_logprobs, abs=1e-6)
+        assert row["verifier"] == str(verifier_folder)
+    assert rows[3]["n_tokens"] == 0 and rows[3]["cme"] == -20.0  # the empty response: defined, not NaN
+
+
+def test_score_json_list_input_and_output(tmp_path, verifier_folder):
+    inp, out = tmp_path / "in.json", tmp_path / "out.json"
+    inp.write_text(json.dumps([GOOD[0], {"instruction": "no output"}, GOOD[1]]))
+    result = CliRunner().invoke(app, ["score", "-v", str(verifier_folder), "-i", str(inp), "-o", str(out),
+                                      "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert "skipped line 2:" in result.stderr  # list index + 1
+    rows = json.loads(out.read_text())
+    assert [r.get("id") for r in rows] == ["a", None] and all("cme" in r for r in rows)
+
+
+def test_score_clear_errors(tmp_path, verifier_folder):
+    runner = CliRunner()
+    missing = runner.invoke(app, ["score", "-v", str(verifier_folder), "-i", str(tmp_path / "nope.jsonl"),
+                                  "-o", str(tmp_path / "o.jsonl")])
+    assert missing.exit_code == 2 and "input file not found" in missing.stderr and "nope.jsonl" in missing.stderr
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps(GOOD[0]) + "\n")
+    unknown = runner.invoke(app, ["score", "-v", "smollm2-135m", "-i", str(inp), "-o", str(tmp_path / "o.jsonl")])
+    assert unknown.exit_code == 2
+    assert "did you mean the packaged model 'smollm2-135m-instruct'" in " ".join(unknown.stderr.split())
+    all_bad = tmp_path / "bad.jsonl"
+    all_bad.write_text('{"prompt": 1, "response": "x"}\n')
+    nothing = runner.invoke(app, ["score", "-v", str(verifier_folder), "-i", str(all_bad),
+                                  "-o", str(tmp_path / "o.jsonl")])
+    assert nothing.exit_code == 1 and "no usable rows" in nothing.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_console_script_runs_end_to_end(tmp_path, verifier_folder):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps(GOOD[0]) + "\nnot json\n")
+    cmerl = Path(sys.executable).parent / "cmerl"
+    proc = subprocess.run([str(cmerl), "score", "--verifier", str(verifier_folder), "--input", str(inp),
+                           "--output", str(out), "--dtype", "float32"], capture_output=True, text=True, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped line 2:" in proc.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["n_tokens"] == 1
