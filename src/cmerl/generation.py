@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from transformers import StoppingCriteria
 
 from cmerl.formatting import RenderConfig, end_of_turn_id, render_context, uses_chat_template
 from cmerl.io import append_jsonl, iter_jsonl, read_records, write_json_atomic
@@ -303,11 +304,27 @@ def _stop_ids(tokenizer, render: RenderConfig) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+class _StopOnText(StoppingCriteria):
+    """Stops a row once its generated text contains a stop string (checks the last ``window`` tokens).
+
+    A light stand-in for transformers' ``stop_strings``, whose set-up scans the whole vocabulary
+    (seconds for Gemma's 262k tokens)."""
+
+    def __init__(self, tokenizer, stops: Sequence[str], prompt_width: int, window: int = 12):
+        self.tokenizer, self.stops, self.start, self.window = tokenizer, tuple(stops), prompt_width, window
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        tail = input_ids[:, max(self.start, input_ids.shape[1] - self.window):].tolist()
+        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
 @torch.inference_mode()
 def _generate_batch(model, tokenizer, prompts: list[list[int]], config: GenerationConfig, stops: list[int],
                     chat: bool, seed: int) -> list[tuple[str, str, int]]:
     """``(text, finish_reason, n_new_tokens)`` per prompt; prompts are left-padded to one width."""
     from transformers import GenerationConfig as HFGenerationConfig
+    from transformers import StoppingCriteriaList
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     width = max(len(p) for p in prompts)
@@ -318,11 +335,11 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], config: Generati
         mask[r, width - len(p):] = 1
     sampling = {} if config.greedy else {"temperature": config.temperature, "top_p": config.top_p, "top_k": 0}
     gen = HFGenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=not config.greedy,
-                             repetition_penalty=1.0, pad_token_id=pad, eos_token_id=stops,
-                             stop_strings=None if chat else list(PLAIN_STOP_STRINGS), **sampling)
+                             repetition_penalty=1.0, pad_token_id=pad, eos_token_id=stops, **sampling)
+    criteria = StoppingCriteriaList([_StopOnText(tokenizer, PLAIN_STOP_STRINGS, width)]) if not chat else None
     torch.manual_seed(seed)
     out = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
-                         generation_config=gen, tokenizer=tokenizer)
+                         generation_config=gen, stopping_criteria=criteria)
     results = []
     for row in out[:, width:].tolist():
         n, reason = len(row), "length"
