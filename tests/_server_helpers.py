@@ -9,6 +9,7 @@ the reference every remote score is compared with; ``tiny_server`` is one shared
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -114,6 +115,25 @@ class ServerProcess:
         self.stop()
 
 
+def tiny_args(folder: Path, *extra: str) -> list[str]:
+    """``cmerl serve`` arguments for the tiny verifier: fp32, one torch thread (the test machine is shared,
+    and oversubscribed OpenMP threads make each engine call hundreds of times slower)."""
+    return ["--verifier", str(folder), "--dtype", "float32", "--threads", "1", *extra]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch threads (restored afterwards)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_verifier_dir(tmp_path_factory) -> Path:
     return save_tiny_verifier(tmp_path_factory.mktemp("tiny-verifier"))
@@ -129,7 +149,7 @@ def tiny_local(tiny_verifier_dir):
 @pytest.fixture(scope="session")
 def tiny_server(tiny_verifier_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server-logs") / "tiny_server.log"
-    server = ServerProcess(["--verifier", str(tiny_verifier_dir), "--dtype", "float32"], log=log).start()
+    server = ServerProcess(tiny_args(tiny_verifier_dir), log=log).start()
     yield server
     server.stop()
 

@@ -36,6 +36,7 @@ def serve(
     ray_address: str = typer.Option(None, help="Ray cluster to join ('auto', 'ray://...'; 'local' starts one)."),
     replica_cpus: float = typer.Option(1.0, help="CPUs reserved per Ray replica."),
     replica_gpus: float = typer.Option(0.0, help="GPUs reserved per Ray replica."),
+    threads: int = typer.Option(None, help="Torch CPU threads of the engine (default: torch's choice)."),
     log_level: str = typer.Option("warning", help="uvicorn log level."),
 ) -> None:
     """Serve a verifier over HTTP: /score, /get_reward (OpenRLHF), /v1/completions (vLLM prompt_logprobs),
@@ -48,6 +49,10 @@ def serve(
     from cmerl.serving.run import VerifierSpec, serve_http
 
     console = Console(stderr=True)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     spec = VerifierSpec(verifier, dtype=dtype, device=device,
                         render=RenderConfig(system_prompt=system_prompt, include_eos=include_eos),
                         max_batch_tokens=batch_tokens, max_length=max_length,

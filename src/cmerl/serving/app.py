@@ -268,13 +268,18 @@ class RewardService:
         self.metrics = ServiceMetrics(queue_depth=lambda: self.batcher.queued_items)
         self.batcher = DynamicBatcher(
             self._engine, max_batch_items=config.max_batch_items, max_wait_s=config.max_wait_ms / 1000.0,
-            max_queue_items=config.max_queue_items, enabled=config.batching, on_batch=self._on_batch)
+            max_queue_items=config.max_queue_items, enabled=config.batching, on_batch=self._on_batch,
+            expected=self._expected_jobs)
         self._decoded: dict[int, str] = {}
 
     # -------------------------------------------------------------- engine side (worker thread)
     def _engine(self, requests: list[ScoreRequest], options: Options) -> list[ResponseScore]:
         return self.verifier.score_requests(requests, entropy=options.entropy,
                                             self_certainty=options.self_certainty, top_k=options.top_k)
+
+    def _expected_jobs(self) -> int:
+        """HTTP requests in flight that have not reached the engine yet (they will, soon)."""
+        return int(self.metrics.inflight.value()) - self.batcher.outstanding_jobs
 
     def _on_batch(self, items: int, tokens: int, seconds: float) -> None:
         self.metrics.batch_size.observe(items)

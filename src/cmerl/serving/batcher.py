@@ -5,6 +5,10 @@ the first job, keeps collecting jobs for at most ``max_wait_s`` (or until ``max_
 waiting), then scores the jobs that share the same options in one engine call and hands each job its own
 slice of the results. With batching off, every job is scored on its own, in arrival order.
 
+The wait is adaptive when the server supplies ``expected``: a callable telling how many more submissions
+are on their way (HTTP requests being parsed). With none expected, a lone request runs at once, so one
+client sees no batching delay; under concurrency, the first job waits for the others.
+
 The queue is bounded by ``max_queue_items`` items waiting: a job that does not fit raises
 :class:`QueueFull` (the server answers 503 with ``Retry-After``). :meth:`DynamicBatcher.close` stops
 taking jobs (:class:`ShuttingDown`) and lets the worker finish the ones already queued.
@@ -65,11 +69,13 @@ class DynamicBatcher:
         max_queue_items: items allowed to wait; more raises :class:`QueueFull`.
         enabled: ``False`` scores every job alone (batching off).
         on_batch: called after each engine call with ``(items, tokens, seconds)`` (metrics).
+        expected: how many more jobs are about to be submitted (``None``: always wait ``max_wait_s``).
     """
 
     def __init__(self, score_fn: ScoreFn, *, max_batch_items: int = 64, max_wait_s: float = 0.005,
                  max_queue_items: int = 4096, enabled: bool = True,
-                 on_batch: Callable[[int, int, float], None] | None = None):
+                 on_batch: Callable[[int, int, float], None] | None = None,
+                 expected: Callable[[], int] | None = None):
         if max_batch_items < 1 or max_queue_items < 1 or max_wait_s < 0:
             raise ValueError("max_batch_items and max_queue_items must be >= 1 and max_wait_s >= 0")
         self.score_fn = score_fn
@@ -78,6 +84,8 @@ class DynamicBatcher:
         self.max_queue_items = int(max_queue_items)
         self.enabled = enabled
         self.on_batch = on_batch
+        self.expected = expected
+        self._outstanding = 0  # jobs submitted and not finished
         self._queue: deque[_Job] = deque()
         self._queued_items = 0
         self._cond = threading.Condition()
@@ -107,6 +115,10 @@ class DynamicBatcher:
     def queued_items(self) -> int:
         return self._queued_items
 
+    @property
+    def outstanding_jobs(self) -> int:
+        return self._outstanding
+
     # ------------------------------------------------------------------ submitting
     def submit(self, requests: Sequence[ScoreRequest], options: Options = Options()) -> concurrent.futures.Future:
         """Queue a job; the future resolves to one :class:`ResponseScore` per request, in order."""
@@ -120,6 +132,7 @@ class DynamicBatcher:
                                 self._retry_after())
             self._queue.append(job)
             self._queued_items += n
+            self._outstanding += 1
             self._cond.notify_all()
         if self._thread is None:
             self.start()
@@ -145,13 +158,18 @@ class DynamicBatcher:
                     return  # closing, and everything queued has been scored
                 if self.enabled and self.max_wait_s > 0:
                     deadline = self._queue[0].enqueued + self.max_wait_s
-                    while self._queued_items < self.max_batch_items and not self._closing:
+                    while (self._queued_items < self.max_batch_items and not self._closing
+                           and (self.expected is None or self.expected() > 0)):
                         left = deadline - time.monotonic()
                         if left <= 0:
                             break
                         self._cond.wait(left)
                 jobs = self._take()
-            self._run(jobs)
+            try:
+                self._run(jobs)
+            finally:
+                with self._cond:
+                    self._outstanding -= len(jobs)
 
     def _take(self) -> list[_Job]:
         jobs = [self._queue.popleft()]
