@@ -47,13 +47,14 @@ class ServerProcess:
     """One ``cmerl serve`` child process on 127.0.0.1; output goes to ``log`` (shown when it fails)."""
 
     def __init__(self, args: list[str], *, log: Path, port: int | None = None, env: dict[str, str] | None = None,
-                 ready_timeout: float = 120.0):
+                 ready_timeout: float = 120.0, ready_text: str | None = None):
         self.args = list(args)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         self.ready_timeout = ready_timeout
+        self.ready_text = ready_text  # also wait for this line in the log (e.g. all Ray replicas up)
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> ServerProcess:
@@ -71,7 +72,8 @@ class ServerProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200 and (
+                        self.ready_text is None or self.ready_text in self.output()):
                     return
             except httpx.HTTPError:
                 pass
@@ -79,7 +81,7 @@ class ServerProcess:
         raise TimeoutError(f"server not ready after {self.ready_timeout}s:\n{self.output()}")
 
     def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+        return self.log.read_text(errors="replace")[-6000:] if self.log.exists() else ""
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -100,9 +102,18 @@ class ServerProcess:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+                self.kill_group()
         return self.proc.returncode
+
+    def kill_group(self) -> None:
+        """SIGKILL the server and every process it started (its session: Ray workers included)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(30)
 
     def restart(self) -> None:
         self.kill()

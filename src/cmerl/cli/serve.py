@@ -49,13 +49,9 @@ def serve(
     from cmerl.serving.run import VerifierSpec, serve_http
 
     console = Console(stderr=True)
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
     spec = VerifierSpec(verifier, dtype=dtype, device=device,
                         render=RenderConfig(system_prompt=system_prompt, include_eos=include_eos),
-                        max_batch_tokens=batch_tokens, max_length=max_length,
+                        max_batch_tokens=batch_tokens, max_length=max_length, threads=threads,
                         extra={"logprob_floor": logprob_floor, "empty_score": empty_score})
     try:
         config = ServerConfig(max_batch_items=batch_items, max_wait_ms=batch_wait_ms, batching=batching,

@@ -127,6 +127,7 @@ class MetricsMiddleware(_Middleware):
     def __init__(self, app, metrics: ServiceMetrics):
         super().__init__(app)
         self.metrics = metrics
+        self.pid = str(os.getpid()).encode()  # sent as ``x-cmerl-pid``: which process (replica) answered
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -137,6 +138,7 @@ class MetricsMiddleware(_Middleware):
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-cmerl-pid", self.pid)]}
             await send(message)
 
         t0 = time.perf_counter()

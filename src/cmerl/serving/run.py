@@ -22,10 +22,17 @@ class VerifierSpec:
     render: RenderConfig = RenderConfig()
     max_batch_tokens: int = 4096
     max_length: int | None = None
+    threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def load(self):
+        """Load the verifier (setting this process's torch CPU threads first when ``threads`` is given)."""
         from cmerl.scoring import Verifier
+
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
 
         return Verifier.from_pretrained(self.name, dtype=self.dtype, device=self.device, render=self.render,
                                         max_batch_tokens=self.max_batch_tokens, max_length=self.max_length,
