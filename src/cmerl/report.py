@@ -25,7 +25,11 @@ from pathlib import Path
 from cmerl.io import iter_jsonl, read_records
 
 REWARD_KEYS = ("reward",)
-LENGTH_KEYS = ("completions/mean_length", "completions/min_length", "completions/max_length")
+LENGTH_KEYS = ("completions/mean_length", "completions/min_length", "completions/max_length",
+               "diagnostics/completion_length_mean")
+#: Fractions in [0, 1] that show degeneration (cmerl training diagnostics, TRL's clipped ratio).
+DEGENERATION_KEYS = ("diagnostics/distinct_2", "diagnostics/repeated_4gram_share", "diagnostics/truncated_frac",
+                     "completions/clipped_ratio")
 
 
 @dataclass
@@ -61,12 +65,15 @@ def read_training_metrics(path: str | Path) -> list[dict]:
 
 
 def training_curves(rows: list[dict], figure: Path) -> tuple[Path | None, list[str]]:
-    """Plot reward curves (``reward``, ``rewards/*/mean``) and completion length curves; returns the figure
-    path (``None`` when no plotted key exists) and the plotted keys."""
+    """Plot reward curves (``reward``, ``rewards/*/mean``), completion length curves and degeneration
+    diagnostics (when logged); returns the figure path (``None`` when no plotted key exists) and the
+    plotted keys."""
     keys = sorted({k for r in rows for k in r})
     reward_keys = [k for k in keys if k in REWARD_KEYS or (k.startswith("rewards/") and k.endswith("/mean"))]
     length_keys = [k for k in LENGTH_KEYS if k in keys]
-    panels = [(title, ks) for title, ks in (("reward", reward_keys), ("completion length (tokens)", length_keys)) if ks]
+    degen_keys = [k for k in DEGENERATION_KEYS if k in keys]
+    panels = [(title, ks) for title, ks in (("reward", reward_keys), ("completion length (tokens)", length_keys),
+                                            ("degeneration (fractions)", degen_keys)) if ks]
     if not panels:
         return None, []
     plt = _plt()

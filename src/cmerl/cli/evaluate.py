@@ -50,7 +50,7 @@ def _console():
 
 
 def _fail(message: str) -> None:
-    _console().print(f"[red]error:[/red] {message}")
+    _console().print(f"[red]error:[/red] {message}", soft_wrap=True, markup=True, highlight=False)
     raise typer.Exit(1)
 
 
