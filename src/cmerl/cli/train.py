@@ -1,0 +1,110 @@
+"""``cmerl train`` and ``cmerl demo``: thin calls into :mod:`cmerl.training` and :mod:`cmerl.demo`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cmerl.cli.app import app
+
+
+def _quiet_libraries() -> None:
+    """Keep the console to cmerl's progress: no deprecation chatter or per-shard save bars."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from cmerl.data import PromptDataError
+    from cmerl.models import ModelNotAvailableError
+    from cmerl.rewards import SelfVerificationError
+    from cmerl.training import ConfigError, RunDirExistsError
+
+    return (ConfigError, RunDirExistsError, FileNotFoundError, PromptDataError, SelfVerificationError,
+            ModelNotAvailableError)
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(None, "--config", "-c", help="YAML run config (see --print-config)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a config key: key=value (repeatable; trl.NAME=value for TRL passthrough)."),
+    resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its last complete checkpoint."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print every config key with its default and documentation, then exit."),
+) -> None:
+    """Train a policy with GRPO on CME (or baseline) rewards, through TRL's GRPOTrainer."""
+    from rich.console import Console
+
+    from cmerl import training
+
+    console = Console(stderr=True)
+    if print_config:
+        typer.echo(training.config_template(), nl=False)
+        return
+    if (config is None) == (resume is None):
+        console.print("[red]give exactly one of --config FILE (new run) or --resume RUN_DIR[/red]")
+        raise typer.Exit(2)
+    try:
+        cfg = (training.read_run_config(resume, set_) if resume is not None
+               else training.load_config(config, set_))
+    except _user_errors() as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    _quiet_libraries()
+    try:
+        result = training.train(cfg, resume=resume is not None, progress=True, echo=console.print)
+    except _user_errors() as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    if result.final_dir is not None:
+        console.print(f"[bold green]done[/bold green]: run directory {result.run_dir}\n"
+                      f"  metrics      {result.metrics_path}\n"
+                      f"  run card     {result.run_dir / training.RUN_CARD_NAME}\n"
+                      f"  checkpoint   {result.last_checkpoint}\n"
+                      f"  final model  {result.final_dir}")
+
+
+@app.command()
+def demo(
+    output_dir: Path = typer.Option(None, "--output-dir", "-o", help="Run directory (default: runs/demo-<timestamp>)."),
+    steps: int = typer.Option(None, "--steps", help="GRPO steps (default: the demo config's max_steps)."),
+    config: Path = typer.Option(None, "--config", "-c", help="Use this config instead of the built-in demo config."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a config key: key=value (repeatable)."),
+) -> None:
+    """Train SmolLM2-135M-Instruct on CME from a Qwen2.5-Coder verifier for a few steps, then show
+    before/after completions on held-out prompts with their CME scores."""
+    from rich.console import Console
+
+    from cmerl import demo as demo_mod
+    from cmerl import training
+
+    console = Console(stderr=True)
+    overrides = list(set_)
+    if output_dir is not None:
+        overrides.append(f"output_dir={output_dir}")
+    if steps is not None:
+        overrides.append(f"max_steps={steps}")
+    try:
+        cfg = training.load_config(config, overrides) if config is not None else demo_mod.demo_config(overrides)
+    except _user_errors() as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    _quiet_libraries()
+    try:
+        result = demo_mod.run_demo(cfg, echo=console.print)
+    except _user_errors() as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    console.print(demo_mod.render_comparison(result))
+    console.print(f"[bold green]demo done[/bold green] in {result.seconds / 60:.1f} min. Outputs in {result.run_dir}:\n"
+                  f"  before/after samples  {result.samples_path}\n"
+                  f"  metrics               {result.run_dir / training.METRICS_NAME}\n"
+                  f"  run card              {result.run_dir / training.RUN_CARD_NAME}\n"
+                  f"  completions table     {result.run_dir / 'completions'}\n"
+                  f"  trained model         {result.final_dir}")

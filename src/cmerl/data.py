@@ -1,0 +1,228 @@
+"""Prompt sets for training: bundled files, local JSONL/JSON/Parquet files, Hugging Face datasets.
+
+A prompt source is one of:
+
+* a bundled name: ``ultrafeedback`` (1,000 UltraFeedback prompts, MIT) or ``alpaca_eval`` (the 805
+  AlpacaEval instructions, CC BY-NC 4.0); see ``cmerl/data/README.md`` for provenance and licences;
+* a local ``.jsonl`` / ``.json`` / ``.parquet`` file with a prompt column (default ``prompt``) holding a
+  string or a chat message list ``[{"role": ..., "content": ...}]``;
+* anything else (a hub id, or a local dataset folder) goes to ``datasets.load_dataset(source, split=split)``.
+
+Prompts longer than ``max_prompt_length`` tokens (as the policy will see them: rendered with its chat
+template and generation prompt) are dropped and counted, never truncated mid-sentence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cmerl.formatting import DEFAULT_PLAIN_TEMPLATE, Prompt, as_messages
+
+DATA_DIR = Path(__file__).parent / "data"
+
+#: bundled name -> (file inside ``cmerl/data``, prompt column)
+BUNDLED: dict[str, tuple[str, str]] = {
+    "ultrafeedback": ("ultrafeedback_1000.jsonl", "prompt"),
+    "alpaca_eval": ("alpaca_eval_805.jsonl", "instruction"),
+}
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+SourceKind = Literal["bundled", "file", "hub"]
+
+
+class PromptDataError(ValueError):
+    """A prompt source that cannot be read or holds unusable rows."""
+
+
+def source_kind(source: str) -> SourceKind:
+    """Classify a prompt source without reading it (see module docstring)."""
+    if not isinstance(source, str) or not source.strip():
+        raise PromptDataError(f"prompt source must be a non-empty string (got {source!r})")
+    if source in BUNDLED:
+        return "bundled"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "hub"  # a local dataset folder: datasets.load_dataset reads it
+    if path.suffix in FILE_SUFFIXES or source.startswith((".", "/", "~")) or path.exists():
+        return "file"
+    return "hub"
+
+
+def check_source(source: str) -> SourceKind:
+    """Classify ``source`` and fail fast (FileNotFoundError naming the path) when a local file is missing."""
+    kind = source_kind(source)
+    if kind == "file":
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file not found: {path}")
+        if path.suffix not in FILE_SUFFIXES:
+            raise PromptDataError(f"{path}: unsupported prompt file type {path.suffix!r}; "
+                                  f"use one of {', '.join(FILE_SUFFIXES)}")
+    return kind
+
+
+def _validate_prompt(value: Any, where: str) -> Prompt:
+    if isinstance(value, str):
+        if not value.strip():
+            raise PromptDataError(f"{where}: empty prompt")
+        return value
+    try:
+        messages = as_messages(value)
+    except (TypeError, ValueError) as exc:
+        raise PromptDataError(f"{where}: {exc}") from None
+    for m in messages:
+        if not isinstance(m["content"], str):
+            raise PromptDataError(f"{where}: message content must be a string (got {type(m['content']).__name__})")
+    return messages
+
+
+def _rows_of_file(path: Path) -> list[tuple[int, Any]]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [(i + 1, row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+    from cmerl.io import read_records
+
+    rows, bad = read_records(path)
+    if bad:
+        raise PromptDataError(f"{path}: line {bad[0].line}: {bad[0].reason}")
+    return rows
+
+
+def read_prompts(source: str, *, column: str = "prompt", split: str = "train") -> list[Prompt]:
+    """All prompts of ``source`` in file order. ``column`` is ignored for bundled sources.
+
+    Raises FileNotFoundError for a missing file, PromptDataError naming the row for a missing column or
+    a malformed prompt, and PromptDataError when a hub dataset cannot be loaded.
+    """
+    kind = check_source(source)
+    if kind == "hub":
+        try:
+            from datasets import load_dataset
+
+            ds = load_dataset(source, split=split)
+        except Exception as exc:  # noqa: BLE001 - the hub raises many types; name the source and the fix
+            raise PromptDataError(
+                f"could not load Hugging Face dataset {source!r} (split {split!r}): {exc}. Use a bundled name "
+                f"({', '.join(BUNDLED)}) or a local {'/'.join(FILE_SUFFIXES)} file instead.") from exc
+        if column not in ds.column_names:
+            raise PromptDataError(f"dataset {source!r} has no column {column!r} (columns: {ds.column_names})")
+        return [_validate_prompt(v, f"{source} row {i}") for i, v in enumerate(ds[column])]
+    if kind == "bundled":
+        name, column = BUNDLED[source]
+        path = DATA_DIR / name
+    else:
+        path = Path(source).expanduser()
+    out = []
+    for line, row in _rows_of_file(path):
+        where = f"{path} row {line}"
+        if not isinstance(row, dict):
+            raise PromptDataError(f"{where}: not a JSON object (got {type(row).__name__})")
+        if column not in row:
+            raise PromptDataError(f"{where}: missing column {column!r} (has {sorted(row)})")
+        out.append(_validate_prompt(row[column], where))
+    if not out:
+        raise PromptDataError(f"{path}: no prompts")
+    return out
+
+
+def plain_prompt(prompt: Prompt, template: str = DEFAULT_PLAIN_TEMPLATE) -> str:
+    """A prompt in the plain instruction format used for tokenizers without a chat template."""
+    if isinstance(prompt, str):
+        text = prompt
+    else:
+        text = "\n\n".join(m["content"] for m in as_messages(prompt) if m["role"] != "system")
+    return template.format(prompt=text)
+
+
+def to_policy_prompt(prompt: Prompt, tokenizer, system_prompt: str | None = None) -> Prompt:
+    """The prompt as GRPOTrainer should receive it for this policy tokenizer: a message list (TRL then
+    applies the chat template with the generation prompt), with ``system_prompt`` as a system turn when
+    given and the prompt has none; without a chat template, a plain instruction string."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = as_messages(prompt)
+        if system_prompt is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}] + messages
+        return messages
+    return plain_prompt(prompt)
+
+
+def prompt_token_count(prompt: Prompt, tokenizer, system_prompt: str | None = None) -> int:
+    """Tokens of the prompt as the policy sees it during GRPO (chat template + generation prompt)."""
+    policy_prompt = to_policy_prompt(prompt, tokenizer, system_prompt)
+    if isinstance(policy_prompt, str):
+        return len(tokenizer(policy_prompt)["input_ids"])
+    enc = tokenizer.apply_chat_template(policy_prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return len(enc["input_ids"])
+
+
+@dataclass
+class PromptSet:
+    """Prompts selected for a run.
+
+    prompts: training prompts, as read (strings or message lists), in source order.
+    heldout: the last ``heldout`` prompts that fit, kept out of training (for before/after samples).
+    n_read: prompts in the source; n_too_long: dropped for exceeding ``max_prompt_length`` tokens;
+    n_unused: prompts that fit but were beyond ``max_prompts``.
+    """
+
+    source: str
+    prompts: list[Prompt]
+    heldout: list[Prompt] = field(default_factory=list)
+    n_read: int = 0
+    n_too_long: int = 0
+    n_unused: int = 0
+    max_prompt_length: int | None = None
+
+    def summary(self) -> str:
+        s = f"{len(self.prompts)} training prompts from {self.source} ({self.n_read} read"
+        if self.n_too_long:
+            s += f", {self.n_too_long} dropped as longer than {self.max_prompt_length} tokens"
+        if self.n_unused:
+            s += f", {self.n_unused} beyond max_prompts unused"
+        if self.heldout:
+            s += f", {len(self.heldout)} held out"
+        return s + ")"
+
+
+def select_prompts(prompts: list[Prompt], tokenizer, *, max_prompt_length: int | None,
+                   max_prompts: int | None = None, heldout: int = 0, source: str = "<list>",
+                   system_prompt: str | None = None) -> PromptSet:
+    """Drop prompts over ``max_prompt_length`` tokens, hold out the last ``heldout`` that fit, then keep
+    the first ``max_prompts`` of the rest. Raises PromptDataError when no training prompt is left."""
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise PromptDataError(f"max_prompt_length must be >= 1 (got {max_prompt_length})")
+    fitting = [p for p in prompts
+               if max_prompt_length is None or prompt_token_count(p, tokenizer, system_prompt) <= max_prompt_length]
+    held = fitting[len(fitting) - heldout:] if heldout > 0 else []
+    train = fitting[:len(fitting) - len(held)]
+    unused = 0
+    if max_prompts is not None and len(train) > max_prompts:
+        unused = len(train) - max_prompts
+        train = train[:max_prompts]
+    if not train:
+        raise PromptDataError(
+            f"no training prompts left from {source}: {len(prompts)} read, {len(prompts) - len(fitting)} longer "
+            f"than max_prompt_length={max_prompt_length} tokens, {len(held)} held out")
+    return PromptSet(source=source, prompts=train, heldout=held, n_read=len(prompts),
+                     n_too_long=len(prompts) - len(fitting), n_unused=unused, max_prompt_length=max_prompt_length)
+
+
+def load_prompt_set(source: str, tokenizer, *, column: str = "prompt", split: str = "train",
+                    max_prompt_length: int | None = None, max_prompts: int | None = None,
+                    heldout: int = 0, system_prompt: str | None = None) -> PromptSet:
+    """:func:`read_prompts` then :func:`select_prompts`."""
+    return select_prompts(read_prompts(source, column=column, split=split), tokenizer,
+                          max_prompt_length=max_prompt_length, max_prompts=max_prompts, heldout=heldout,
+                          source=source, system_prompt=system_prompt)
+
+
+def to_dataset(prompt_set: PromptSet, tokenizer, system_prompt: str | None = None):
+    """A ``datasets.Dataset`` for GRPOTrainer: ``prompt`` in the policy's format (:func:`to_policy_prompt`)
+    and ``raw_prompt`` as read, which the rewards score against (so verifiers render it their own way)."""
+    from datasets import Dataset
+
+    rows = [{"prompt": to_policy_prompt(p, tokenizer, system_prompt), "raw_prompt": p} for p in prompt_set.prompts]
+    return Dataset.from_list(rows)

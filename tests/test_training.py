@@ -1,0 +1,346 @@
+"""GRPO training: config checks, rewards wiring, checkpoints, resume, SIGKILL recovery, learning signal.
+
+Every run uses tiny random models with real tokenizers, saved as HF folders (tests/_training_helpers.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from _training_helpers import (POLICY_TOKENIZER, VERIFIER_TOKENIZER, preference_pair, tiny_config,
+                               tiny_random_folder, write_config, write_prompts)
+from cmerl import training
+from cmerl.diagnostics import RepetitionGuard, batch_diagnostics, distinct_n, repeated_ngram_share
+from cmerl.io import iter_jsonl
+from cmerl.training import (ConfigError, GuardedReward, RunDirExistsError, TrainConfig, apply_overrides,
+                            config_from_dict, latest_checkpoint, load_config, read_run_config, validate)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny llama policy (SmolLM2 tokenizer) and a tiny qwen2 verifier (Qwen2.5 tokenizer), plus prompts."""
+    root = tmp_path_factory.mktemp("models")
+    policy = tiny_random_folder(root / "policy", POLICY_TOKENIZER, arch="llama", seed=0)
+    verifier = tiny_random_folder(root / "verifier", VERIFIER_TOKENIZER, arch="qwen2", seed=1)
+    prompts = write_prompts(root / "prompts.jsonl")
+    return policy, verifier, prompts
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    return list(iter_jsonl(Path(run_dir) / training.METRICS_NAME))
+
+
+# ------------------------------------------------------------------------------------ diagnostics
+def test_diagnostics_by_hand():
+    assert repeated_ngram_share([1, 2, 3, 4, 5], 4) == 0.0
+    # 4-grams of 1 2 3 4 1 2 3 4: (1234)(2341)(3412)(4123)(1234): one of five repeats.
+    assert repeated_ngram_share([1, 2, 3, 4, 1, 2, 3, 4], 4) == pytest.approx(1 / 5)
+    assert repeated_ngram_share([7] * 10, 4) == pytest.approx(6 / 7)
+    assert repeated_ngram_share([1, 2], 4) == 0.0
+    # bigrams (1,2),(2,3) and (1,2),(2,1): 3 unique of 4.
+    assert distinct_n([[1, 2, 3], [1, 2, 1]], 2) == pytest.approx(3 / 4)
+    assert math.isnan(distinct_n([[1], []], 2))
+    stats = batch_diagnostics([[5, 6, 2], [5, 5, 5, 5, 5, 5]], eos_ids=[2], max_completion_length=6)
+    assert stats.completion_length_mean == pytest.approx(4.5)
+    assert stats.truncated_frac == pytest.approx(0.5)  # the second hit the limit without EOS
+    assert stats.repeated_4gram_share == pytest.approx((0 + 2 / 3) / 2)
+
+
+def test_guarded_reward_floors_degenerate_completions_and_logs():
+    logged: dict[str, float] = {}
+    extra: dict[str, list] = {}
+
+    def length_reward(prompts, completions, **kwargs):
+        return [float(len(c)) if c != "skip" else None for c in completions]
+
+    guard = RepetitionGuard(ngram=4, max_share=0.5, floor=-20.0)
+    fn = GuardedReward(length_reward, guard=guard, diagnostics=True, eos_ids=[2], max_completion_length=8)
+    ids = [[10, 11, 12, 13, 2], [9] * 8, [9] * 8]
+    out = fn(prompts=["p"] * 3, completions=["good", "loop", "skip"], completion_ids=ids,
+             log_metric=logged.__setitem__, log_extra=extra.__setitem__, raw_prompt=["r"] * 3)
+    assert out == [4.0, -20.0, None]  # floored; None ("not applicable") stays None
+    assert fn.__name__ == "length_reward"
+    assert logged["length_reward/floored_frac"] == pytest.approx(1 / 3)
+    assert logged["diagnostics/truncated_frac"] == pytest.approx(2 / 3)
+    assert logged["diagnostics/repeated_4gram_share"] == pytest.approx((0 + 4 / 5 + 4 / 5) / 3)
+    assert extra["repeated_4gram_share"] == [0.0, 0.8, 0.8]
+
+
+# ----------------------------------------------------------------------------------------- config
+def test_defaults_are_valid_and_map_onto_grpo_config():
+    cfg = TrainConfig()
+    validate(cfg)
+    args = training.grpo_args(cfg)
+    for name in training.GRPO_FIELDS:
+        assert getattr(args, name) == getattr(cfg, name), name
+    assert args.gradient_checkpointing is False and args.remove_unused_columns is False
+
+
+def test_config_errors_name_key_and_file(tmp_path, models):
+    policy, verifier, prompts = models
+    base = tiny_config(tmp_path, policy, verifier, prompts)
+    cases = [
+        ({"learnin_rate": 1e-5}, ConfigError, r"bad\.yaml.*unknown key 'learnin_rate'.*did you mean 'learning_rate'"),
+        ({"max_steps": "ten"}, ConfigError, r"bad\.yaml.*'max_steps' has a wrong type"),
+        ({"lora": "yes"}, ConfigError, r"'lora' has a wrong type"),
+        ({"loss_type": "ppo"}, ConfigError, r"'loss_type'.*one of"),
+        ({"verifiers": [str(policy)]}, ConfigError, r"bad\.yaml.*'verifiers'.*is the policy model"),
+        ({"prompts": str(tmp_path / "missing.jsonl")}, FileNotFoundError, r"bad\.yaml.*'prompts'.*missing\.jsonl"),
+        ({"rewards": ["cme", "bleu"]}, ConfigError, r"'rewards'.*unknown reward 'bleu'"),
+        ({"reward_weights": [1.0, 2.0]}, ConfigError, r"'reward_weights'.*2 weights for 1 rewards"),
+        ({"trl": {"top_kk": 5}}, ConfigError, r"trl\.top_kk.*did you mean 'top_k'"),
+        ({"trl": {"learning_rate": 1.0}}, ConfigError, r"top-level cmerl key"),
+        ({"per_device_train_batch_size": 6}, ConfigError, r"TRL rejected.*divisible by num_generations"),
+    ]
+    for change, exc, pattern in cases:
+        path = write_config(tmp_path / "bad.yaml", {**base, **change})
+        with pytest.raises(exc, match=pattern):
+            load_config(path)
+    # The self-referential ablation needs the explicit flag, and then passes.
+    ok = write_config(tmp_path / "ok.yaml", {**base, "verifiers": [str(policy)], "allow_self_verification": True})
+    assert load_config(ok).allow_self_verification
+
+
+def test_config_errors_come_before_any_model_loads(tmp_path, models, monkeypatch):
+    """The CLI refuses bad configs without loading a model (load_model is spied on, not replaced)."""
+    from typer.testing import CliRunner
+
+    import cmerl.models
+    from cmerl.cli import app
+
+    calls = []
+    real = cmerl.models.load_model
+    monkeypatch.setattr(cmerl.models, "load_model", lambda *a, **k: calls.append(a) or real(*a, **k))
+    policy, verifier, prompts = models
+    base = tiny_config(tmp_path, policy, verifier, prompts)
+    runner = CliRunner()
+    for change, needle in [({"max_stepz": 3}, "max_stepz"), ({"verifiers": [str(policy)]}, "verifiers"),
+                           ({"prompts": str(tmp_path / "gone.jsonl")}, "gone.jsonl")]:
+        path = write_config(tmp_path / "bad.yaml", {**base, **change})
+        result = runner.invoke(app, ["train", "--config", str(path)])
+        assert result.exit_code == 2, result.output
+        assert needle in result.output and "bad.yaml" in result.output
+    assert calls == []
+
+
+def test_overrides_and_template(tmp_path):
+    cfg = apply_overrides(TrainConfig(), ["learning_rate=1e-5", "rewards=cme,self_certainty", "reward_weights=[1, 0.5]",
+                                          "lora=true", "max_prompts=null", "trl.top_k=50", "report_to=[]"])
+    assert cfg.learning_rate == 1e-5 and cfg.rewards == ["cme", "self_certainty"]
+    assert cfg.reward_weights == [1.0, 0.5] and cfg.lora is True and cfg.trl == {"top_k": 50}
+    validate(cfg)
+    assert training.grpo_args(cfg).top_k == 50
+    with pytest.raises(ConfigError, match="unknown key 'stepz'"):
+        apply_overrides(cfg, ["stepz=3"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides(cfg, ["max_steps"])
+    # The commented template parses back to the defaults, and documents every key.
+    template = training.config_template()
+    assert config_from_dict(yaml.safe_load(template)) == TrainConfig()
+    for name, _, _, help_text in training.config_reference():
+        assert help_text, f"{name} is undocumented"
+        assert f"# {help_text}" in template
+
+
+def test_shipped_configs_are_valid_and_demo_matches_code():
+    from cmerl.demo import DEMO_SETTINGS, demo_config
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
+    assert config_from_dict(yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())) == \
+        demo_config(["output_dir=runs/demo"], timestamped=False)
+    assert DEMO_SETTINGS["policy"] != DEMO_SETTINGS["verifiers"][0]
+
+
+def test_docs_cover_every_config_key():
+    text = (REPO / "docs" / "training.md").read_text()
+    missing = [name for name, *_ in training.config_reference() if f"`{name}`" not in text]
+    assert not missing, f"docs/training.md does not document {missing}"
+
+
+# --------------------------------------------------------------------------------- end to end runs
+@pytest.fixture(scope="module")
+def three_step_run(tmp_path_factory, models):
+    """A 3-step run (checkpoints at 2 and 3) through the library API, shared by the tests below."""
+    policy, verifier, prompts = models
+    tmp = tmp_path_factory.mktemp("run3")
+    cfg = config_from_dict(tiny_config(tmp, policy, verifier, prompts, max_steps=3, save_steps=2,
+                                       report_to=["tensorboard"]))
+    validate(cfg)
+    result = training.train(cfg)
+    return cfg, result
+
+
+def test_three_steps_end_to_end(three_step_run):
+    from cmerl.models import load_model
+
+    cfg, result = three_step_run
+    run = Path(cfg.output_dir)
+    assert result.global_step == 3
+    rows = metric_rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for key in ("reward", "reward_std", "rewards/cme/mean", "rewards/cme/std", "cme/seconds",
+                    "diagnostics/completion_length_mean", "diagnostics/truncated_frac", "diagnostics/distinct_2",
+                    "diagnostics/repeated_4gram_share", "completions/clipped_ratio"):
+            assert isinstance(r.get(key), float), key
+    assert [s for s, _, ok in training.list_checkpoints(run) if ok] == [2, 3]
+    ckpt = latest_checkpoint(run)
+    assert ckpt == run / "checkpoint-3"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "optimizer.pt", "trainer_state.json",
+                 training.CONFIG_NAME, training.RUN_CARD_NAME, training.CURVE_NAME, training.MARKER_NAME):
+        assert (ckpt / name).is_file(), name
+    assert read_run_config(run) == cfg
+    card = (ckpt / training.RUN_CARD_NAME).read_text()
+    assert "| 3 |" in card and "reward_curve.png" in card
+    assert len(list((run / "completions").glob("*.parquet"))) == 3
+    assert list((run / "runs").rglob("events.out.tfevents.*")), "no TensorBoard events"
+    model, tok = load_model(str(result.final_dir))
+    out = model.generate(torch.tensor([[tok.bos_token_id or 1, 42]]), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == 5
+
+
+def test_logged_rewards_are_the_verifier_scores_of_the_logged_completions(three_step_run, models):
+    """The completions table's cme column equals an independent re-scoring of its (prompt, completion)s."""
+    import pandas as pd
+
+    from cmerl.scoring import Verifier
+
+    cfg, _ = three_step_run
+    _, verifier_dir, _ = models
+    table = pd.read_parquet(Path(cfg.output_dir) / "completions" / "completions_00003.parquet")
+    assert len(table) == cfg.per_device_train_batch_size
+    verifier = Verifier.from_pretrained(str(verifier_dir), dtype="float32")
+    prompts = [list(p) for p in table["prompt"]]  # conversational: message lists, as TRL logged them
+    scores = verifier.score(prompts, [list(c) for c in table["completion"]])
+    for got, s in zip(table["cme"], scores):
+        assert got == pytest.approx(s.mean_logprob, abs=1e-4)
+    # Advantages are the group-normalised rewards (scale_rewards="group").
+    groups = table["cme"].to_numpy().reshape(-1, cfg.num_generations)
+    adv = table["advantage"].to_numpy().reshape(-1, cfg.num_generations)
+    expect = (groups - groups.mean(1, keepdims=True)) / (groups.std(1, ddof=1, keepdims=True) + 1e-4)
+    assert adv == pytest.approx(expect, abs=1e-3)
+
+
+def test_new_run_refuses_an_existing_run_dir(three_step_run):
+    cfg, _ = three_step_run
+    with pytest.raises(RunDirExistsError, match="--resume"):
+        training.train(cfg)
+
+
+def test_resume_continues_at_the_right_step_with_the_same_data(three_step_run, tmp_path, models):
+    """Resuming the 3-step run to 5 steps reproduces an uninterrupted 5-step run exactly."""
+    policy, verifier, prompts = models
+    cfg3, _ = three_step_run
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(cfg3.output_dir, resumed_dir)
+    cfg = read_run_config(resumed_dir, ["max_steps=5"])
+    assert cfg.output_dir == str(resumed_dir)
+    with pytest.raises(ConfigError, match="cannot change when resuming"):
+        read_run_config(resumed_dir, ["learning_rate=0.1"])
+    result = training.train(cfg, resume=True)
+    assert result.global_step == 5
+    resumed = metric_rows(resumed_dir)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
+    ref_cfg = config_from_dict(tiny_config(tmp_path / "ref", policy, verifier, prompts, max_steps=5, save_steps=2,
+                                           report_to=["tensorboard"]))
+    training.train(ref_cfg)
+    reference = metric_rows(ref_cfg.output_dir)
+    for a, b in zip(resumed, reference):
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-5), a["step"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
+    import pandas as pd
+
+    for step in (4, 5):  # same prompts, same sampled completions after the resume
+        name = f"completions/completions_{step:05d}.parquet"
+        a, b = pd.read_parquet(resumed_dir / name), pd.read_parquet(Path(ref_cfg.output_dir) / name)
+        assert list(a["completion"]) == list(b["completion"])
+
+
+def test_sigkilled_run_resumes_and_never_loads_a_partial_checkpoint(tmp_path, models):
+    policy, verifier, prompts = models
+    cfg = tiny_config(tmp_path, policy, verifier, prompts, max_steps=200, save_steps=2, log_completions=False)
+    path = write_config(tmp_path / "run.yaml", cfg)
+    run = Path(cfg["output_dir"])
+    cmerl = Path(sys.executable).parent / "cmerl"
+    proc = subprocess.Popen([str(cmerl), "train", "--config", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            done = [s for s, _, ok in training.list_checkpoints(run) if ok]
+            steps = [r["step"] for r in metric_rows(run)] if (run / training.METRICS_NAME).exists() else []
+            if done and steps and max(steps) >= max(done) + 1:  # mid-run, past a checkpoint
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"training exited early: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint within the deadline")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    last = latest_checkpoint(run)
+    last_step = training.checkpoint_step(last)
+    logged_before = max(r["step"] for r in metric_rows(run))
+    assert logged_before > last_step
+    # A checkpoint left half-written (no marker, truncated weights) at a later step must not be loaded.
+    partial = run / f"checkpoint-{last_step + 100}"
+    shutil.copytree(last, partial)
+    (partial / training.MARKER_NAME).unlink()
+    (partial / "model.safetensors").write_bytes(b"truncated")
+    assert latest_checkpoint(run) == last
+    messages: list[str] = []
+    resumed = read_run_config(run, [f"max_steps={last_step + 2}"])
+    result = training.train(resumed, resume=True, echo=messages.append)
+    assert result.global_step == last_step + 2
+    assert not partial.exists()
+    assert any(f"resuming from {last}" in m for m in messages)
+    steps = [r["step"] for r in metric_rows(run)]
+    assert steps == list(range(1, last_step + 3))  # rows after the checkpoint were dropped, then redone
+
+
+def test_learning_signal_raises_cme(tmp_path):
+    """A verifier that strongly prefers half of the policy's likely words: 30 GRPO steps must raise the mean
+    CME reward from its analytic starting value to near the preferred words' log-likelihood."""
+    policy, verifier, cand, preferred = preference_pair(tmp_path)
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    cfg = config_from_dict(tiny_config(tmp_path, policy, verifier, prompts, max_steps=30, save_steps=1000,
+                                       learning_rate=0.02, mask_truncated_completions=False, log_completions=False))
+    training.train(cfg)
+    cme = [r["rewards/cme/mean"] for r in metric_rows(cfg.output_dir)]
+    assert len(cme) == 30
+    # Analytic expectations from the constructed distributions (C tokens re-tokenize to themselves).
+    from cmerl.models import load_tokenizer
+
+    vocab = len(load_tokenizer(POLICY_TOKENIZER))
+    v_logits = torch.zeros(vocab)
+    v_logits[cand] = 6.0
+    v_logits[preferred] = 10.0
+    v_logp = v_logits - torch.logsumexp(v_logits, 0)
+    p_logits = torch.zeros(vocab)
+    p_logits[cand] = 8.0
+    p = torch.softmax(p_logits, 0)
+    start = float((p * v_logp).sum())
+    best = float(v_logp[preferred[0]])
+    first, last = sum(cme[:5]) / 5, sum(cme[-5:]) / 5
+    assert first == pytest.approx(start, abs=1.0)
+    assert last > first + 2.0, cme
+    assert last == pytest.approx(best, abs=1.0)
