@@ -1,10 +1,6 @@
 """Real ``cmerl serve`` processes for tests: a tiny random verifier saved to a folder, a free port on
-127.0.0.1, start / wait for ``/health`` / kill / restart.
-
-``tiny_verifier_dir`` (session fixture) is an HF folder holding a tiny random llama (seed 1) with the
-real SmolLM2 tokenizer; ``tiny_local`` is the in-process :class:`Verifier` over the same folder (fp32),
-the reference every remote score is compared with; ``tiny_server`` is one shared server process over it
-(batching on, no API key). Import the fixtures you use into the test module.
+127.0.0.1, start / wait for ``/health`` / kill / restart. The fixtures built on these live in
+``_server_fixtures.py`` (load them with ``pytest_plugins = ["_server_fixtures"]``).
 """
 
 from __future__ import annotations
@@ -17,9 +13,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 import httpx
-import pytest
 
 SMOLLM = "smollm2-135m-instruct"
 CMERL = str(Path(sys.executable).parent / "cmerl")
@@ -119,7 +115,7 @@ class ServerProcess:
         self.kill()
         self.start()
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -143,26 +139,6 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_verifier_dir(tmp_path_factory) -> Path:
-    return save_tiny_verifier(tmp_path_factory.mktemp("tiny-verifier"))
-
-
-@pytest.fixture(scope="session")
-def tiny_local(tiny_verifier_dir):
-    from cmerl.scoring import Verifier
-
-    return Verifier.from_pretrained(str(tiny_verifier_dir), dtype="float32")
-
-
-@pytest.fixture(scope="session")
-def tiny_server(tiny_verifier_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server-logs") / "tiny_server.log"
-    server = ServerProcess(tiny_args(tiny_verifier_dir), log=log).start()
-    yield server
-    server.stop()
 
 
 # Pairs that exercise the renderer: string and chat prompts, system turns, unicode, an empty response.

@@ -6,9 +6,11 @@ import asyncio
 
 import httpx
 import pytest
-from _server_helpers import PAIRS, ServerProcess, tiny_args, tiny_local, tiny_verifier_dir  # noqa: F401
+from _server_helpers import PAIRS, ServerProcess, tiny_args
 
 from cmerl.scoring.remote import RemoteVerifier
+
+pytest_plugins = ["_server_fixtures"]  # tiny_verifier_dir, tiny_local, tiny_server fixtures
 
 pytest.importorskip("ray.serve")
 

@@ -8,12 +8,18 @@ import pickle
 import time
 
 import pytest
+from _server_helpers import PAIRS, free_port
 
 from cmerl.scoring.remote import (
-    RemoteScoringError, RemoteVerifier, VerifierMismatchError, read_prompt_logprobs, summarize,
+    RemoteScoringError,
+    RemoteVerifier,
+    VerifierMismatchError,
+    read_prompt_logprobs,
+    summarize,
 )
 from cmerl.scoring.types import ScoreRequest
-from _server_helpers import PAIRS, ServerProcess, free_port, tiny_local, tiny_server, tiny_verifier_dir  # noqa: F401
+
+pytest_plugins = ["_server_fixtures"]  # tiny_verifier_dir, tiny_local, tiny_server fixtures
 
 PROMPTS = [p for p, _ in PAIRS]
 RESPONSES = [r for _, r in PAIRS]
@@ -94,21 +100,21 @@ def test_ascore_overlaps_concurrent_calls(tiny_server, tiny_local):
 def test_tokenizer_mismatch_is_refused(tiny_server, qwen_tokenizer, gemma_tokenizer):
     for tok in (qwen_tokenizer, gemma_tokenizer):
         for protocol in ("openai", "cmerl"):
-            with RemoteVerifier(tiny_server.url, tok, protocol=protocol) as rv:
-                with pytest.raises(VerifierMismatchError, match="tokeniz|vocabulary"):
-                    rv.score(["a"], ["b"])
+            with RemoteVerifier(tiny_server.url, tok, protocol=protocol) as rv, \
+                    pytest.raises(VerifierMismatchError, match="tokeniz|vocabulary"):
+                rv.score(["a"], ["b"])
 
 
 def test_openai_protocol_refuses_entropy(tiny_server, tiny_local):
-    with RemoteVerifier(tiny_server.url, tiny_local.tokenizer, protocol="openai") as rv:
-        with pytest.raises(ValueError, match="protocol"):
-            rv.score(["a"], ["b"], entropy=True)
+    with RemoteVerifier(tiny_server.url, tiny_local.tokenizer, protocol="openai") as rv, \
+            pytest.raises(ValueError, match="protocol"):
+        rv.score(["a"], ["b"], entropy=True)
 
 
 def test_wrong_model_name_is_refused(tiny_server, tiny_local):
-    with RemoteVerifier(tiny_server.url, tiny_local.tokenizer, protocol="openai", model="some-other-model") as rv:
-        with pytest.raises(VerifierMismatchError, match="some-other-model"):
-            rv.score(["a"], ["b"])
+    with RemoteVerifier(tiny_server.url, tiny_local.tokenizer, protocol="openai", model="some-other-model") as rv, \
+            pytest.raises(VerifierMismatchError, match="some-other-model"):
+        rv.score(["a"], ["b"])
 
 
 def test_unreachable_server_fails_after_retries():
@@ -162,3 +168,18 @@ def test_read_prompt_logprobs_vllm_layout():
         read_prompt_logprobs(choice[:2], [1, 9, 3], 1)
     s = summarize([-2.0, -9999.0, float("nan")], floor=-20.0, empty_score=-20.0)
     assert s.token_logprobs == [-2.0, -20.0, -20.0] and math.isclose(s.mean_logprob, -14.0)
+
+
+def test_text_mode_sends_an_explicit_render_config(tiny_server, tiny_verifier_dir):
+    """Without a tokenizer, a RemoteVerifier given ``render=`` has the server render that way."""
+    from cmerl.formatting import RenderConfig
+    from cmerl.scoring import Verifier
+
+    render = RenderConfig(system_prompt="Be terse.", include_eos=True)
+    local = Verifier.from_pretrained(str(tiny_verifier_dir), dtype="float32", render=render)
+    want = local.score(PROMPTS, RESPONSES)
+    with RemoteVerifier(tiny_server.url, None, render=render) as rv:
+        got = rv.score(PROMPTS, RESPONSES)
+    assert_same(got, want)
+    default = Verifier.from_pretrained(str(tiny_verifier_dir), dtype="float32").score(PROMPTS, RESPONSES)
+    assert [g.n_tokens for g in got] != [d.n_tokens for d in default]  # the render config made a difference

@@ -9,12 +9,12 @@ import time
 
 import httpx
 import pytest
-from _server_helpers import (  # noqa: F401
-    PAIRS, ServerProcess, tiny_args, tiny_local, tiny_server, tiny_verifier_dir, torch_threads,
-)
+from _server_helpers import PAIRS, ServerProcess, tiny_args, torch_threads
 
 from cmerl.scoring.remote import RemoteVerifier
 from cmerl.scoring.types import ScoreRequest
+
+pytest_plugins = ["_server_fixtures"]  # tiny_verifier_dir, tiny_local, tiny_server fixtures
 
 
 def metric_values(text: str) -> dict[str, float]:
@@ -136,8 +136,8 @@ def test_metrics_exposition(tiny_server):
     assert after['cmerl_items_total{route="/score"}'] >= before.get('cmerl_items_total{route="/score"}', 0) + 3
     assert after["cmerl_tokens_total"] > before.get("cmerl_tokens_total", 0)
     for name in ("cmerl_batch_size_items_count", "cmerl_queue_depth_items", "cmerl_inflight_requests",
-                 'cmerl_request_latency_seconds_count{route="/score"}', 'cmerl_request_latency_seconds_bucket'
-                 '{route="/score",le="+Inf"}'):
+                 'cmerl_request_latency_seconds_count{route="/score"}',
+                 'cmerl_request_latency_seconds_bucket{route="/score",le="+Inf"}'):
         assert name in after, name
     assert re.search(r"# TYPE cmerl_request_latency_seconds histogram", r.text)
 

@@ -9,9 +9,11 @@ import time
 
 import httpx
 import pytest
-from _server_helpers import ServerProcess, tiny_args, tiny_local, tiny_verifier_dir, torch_threads  # noqa: F401
+from _server_helpers import ServerProcess, tiny_args, torch_threads
 
 from cmerl.scoring.remote import RemoteVerifier
+
+pytest_plugins = ["_server_fixtures"]  # tiny_verifier_dir, tiny_local, tiny_server fixtures
 
 API_KEY = "test-key-7f3a"
 

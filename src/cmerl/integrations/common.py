@@ -34,8 +34,11 @@ _LOCK = threading.Lock()
 
 
 def get_scorer(*, server_url: str | None = None, verifier: str | None = None, tokenizer: Any = None,
-               protocol: str | None = None, render: RenderConfig = RenderConfig(), dtype: str | None = None) -> Any:
-    """A cached scorer (anything with ``score``, ``name`` and, for remote ones, ``ascore``); see module docstring."""
+               protocol: str | None = None, render: RenderConfig | None = None, dtype: str | None = None) -> Any:
+    """A cached scorer (anything with ``score``, ``name`` and, for remote ones, ``ascore``); see module docstring.
+
+    ``render`` (default: :class:`RenderConfig`) is how pairs are rendered on this side."""
+    render = render if render is not None else RenderConfig()
     url = server_url or os.environ.get(ENV_SERVER) or None
     if url:
         tok = tokenizer if tokenizer is not None else (os.environ.get(ENV_TOKENIZER) or None)

@@ -84,7 +84,7 @@ def scoring_prompts(prompts: Sequence[str], labels: Sequence[Any] | None, mode: 
                          f"{'none' if labels is None else len(labels)} for {len(prompts)} prompts)")
     for i, lab in enumerate(labels):
         if not isinstance(lab, (str, list)):
-            raise ValueError(f"item {i}: label must be the prompt text or a message list (got {type(lab).__name__})")
+            raise TypeError(f"item {i}: label must be the prompt text or a message list (got {type(lab).__name__})")
     return list(labels)
 
 

@@ -32,8 +32,8 @@ import os
 import random
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Self
 
 import httpx
 
@@ -127,7 +127,8 @@ class RemoteVerifier:
         protocol: ``openai`` (vLLM ``/v1/completions``), ``cmerl`` (``/score``) or ``auto`` (ask ``/health``).
         model: model name sent to an OpenAI-compatible server (default: the first one it lists).
         name: shown in logs and used by the independence guard (default: the served model name).
-        render, logprob_floor, empty_score: as for the local verifier.
+        render, logprob_floor, empty_score: as for the local verifier. Without a tokenizer, an explicit
+            ``render`` is sent to the server with the text pairs (else the server's own config applies).
         max_length: context limit in tokens (default: what the server reports); longer pairs are truncated
             like the local engine does (prompt tokens dropped from the left).
         api_key: bearer token (default: ``$CMERL_API_KEY``).
@@ -138,7 +139,7 @@ class RemoteVerifier:
     """
 
     def __init__(self, url: str, tokenizer: Any = None, *, protocol: str = "auto", model: str | None = None,
-                 name: str | None = None, render: RenderConfig = RenderConfig(),
+                 name: str | None = None, render: RenderConfig | None = None,
                  logprob_floor: float = DEFAULT_LOGPROB_FLOOR, empty_score: float | None = None,
                  max_length: int | None = None, api_key: str | None = None, timeout: float = 120.0,
                  max_retries: int = 5, backoff: float = 0.5, max_backoff: float = 16.0, max_concurrency: int = 8,
@@ -150,7 +151,7 @@ class RemoteVerifier:
         if max_concurrency < 1 or chunk_size < 1 or max_retries < 0:
             raise ValueError("max_concurrency and chunk_size must be >= 1 and max_retries >= 0")
         url = url.rstrip("/")
-        self.url = url[:-3] if url.endswith("/v1") else url
+        self.url = url.removesuffix("/v1")
         if isinstance(tokenizer, str):
             from cmerl.models import load_tokenizer
 
@@ -159,7 +160,8 @@ class RemoteVerifier:
         self.protocol = protocol
         self.model = model
         self._name = name
-        self.render_config = render
+        self.render_config = render if render is not None else RenderConfig()
+        self._send_render = render is not None  # text mode: ask the server to render this way
         self.logprob_floor = float(logprob_floor)
         self.empty_score = float(logprob_floor if empty_score is None else empty_score)
         self.max_length = max_length
@@ -208,7 +210,7 @@ class RemoteVerifier:
             thread.join(timeout=10)
         loop.close()
 
-    def __enter__(self) -> RemoteVerifier:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -446,6 +448,8 @@ class RemoteVerifier:
                    "logprob_floor": self.logprob_floor, "empty_score": self.empty_score}
         if self.max_length is not None:
             payload["max_length"] = self.max_length
+        if self._send_render and any(not isinstance(it, ScoreRequest) for it in items):
+            payload["render"] = asdict(self.render_config)
         body = await self._post_json("/score", payload)
         scores = body.get("scores") if isinstance(body, dict) else None
         if not isinstance(scores, list) or len(scores) != len(items):

@@ -32,15 +32,20 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from cmerl.formatting import render_pair
+from cmerl.formatting import RenderConfig, render_pair
 from cmerl.integrations.openrlhf import (
-    DEFAULT_STOP_STRINGS, PROMPT_MODES, QueryMismatchError, render_config_for, reward_payload, scoring_prompts,
+    DEFAULT_STOP_STRINGS,
+    PROMPT_MODES,
+    QueryMismatchError,
+    render_config_for,
+    reward_payload,
+    scoring_prompts,
     split_queries,
 )
 from cmerl.scoring.local import truncate_request
@@ -94,7 +99,7 @@ class ServerConfig:
 class ApiError(Exception):
     """An error answer: HTTP ``status``, a message for humans, the offending field (``param``)."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    TYPES: ClassVar[dict[int, str]] = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
              404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
              503: "service_unavailable"}
 
@@ -341,7 +346,13 @@ class RewardService:
         if text_idx:
             prompts = [_prompt_value(body.items[i].prompt) for i in text_idx]
             responses = [body.items[i].response for i in text_idx]
-            rendered = await asyncio.to_thread(self._render, prompts, responses, self.verifier.render_config, "items")
+            config = self.verifier.render_config
+            if body.render is not None:
+                try:
+                    config = RenderConfig(**body.render.model_dump())
+                except ValueError as exc:
+                    raise ApiError(422, f"render: {exc}", param="render") from None
+            rendered = await asyncio.to_thread(self._render, prompts, responses, config, "items")
             for i, r in zip(text_idx, rendered):
                 reqs[i] = r
         for i, it in enumerate(body.items):
@@ -383,7 +394,7 @@ class RewardService:
             raise ApiError(422, str(exc), param=f"query.{exc.index}") from None
         try:
             prompts = scoring_prompts(body.prompts, body.labels, self.config.prompt_mode)
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise ApiError(422, str(exc), param="labels") from None
         config = render_config_for(self.config.prompt_mode, self.verifier.render_config)
         reqs = await asyncio.to_thread(self._render, prompts, responses, config, "query")
@@ -403,8 +414,8 @@ class RewardService:
                            param="stream")
         k = body.prompt_logprobs
         if k is None:
-            raise ApiError(400, "this server only scores prompts: set prompt_logprobs (0..%d)"
-                           % self.config.max_top_logprobs, param="prompt_logprobs")
+            raise ApiError(400, f"this server only scores prompts: set prompt_logprobs "
+                                f"(0..{self.config.max_top_logprobs})", param="prompt_logprobs")
         if not 0 <= k <= self.config.max_top_logprobs:
             raise ApiError(400, f"prompt_logprobs must be in 0..{self.config.max_top_logprobs} (got {k})",
                            param="prompt_logprobs")

@@ -19,7 +19,7 @@ class VerifierSpec:
     name: str
     dtype: str = "bfloat16"
     device: str = "cpu"
-    render: RenderConfig = RenderConfig()
+    render: RenderConfig = field(default_factory=RenderConfig)
     max_batch_tokens: int = 4096
     max_length: int | None = None
     threads: int | None = None

@@ -40,9 +40,19 @@ def _item_kind(value: Any) -> str:
 Item = Annotated[Annotated[TextItem, Tag("text")] | Annotated[TokenItem, Tag("tokens")], Discriminator(_item_kind)]
 
 
+class RenderBody(Strict):
+    """A :class:`cmerl.formatting.RenderConfig` for the text items of one request."""
+
+    system_prompt: StrictStr | None = None
+    include_eos: StrictBool = False
+    use_chat_template: StrictBool | None = None
+    plain_template: StrictStr = "### Instruction:\n{prompt}\n\n### Response:\n"
+
+
 class ScoreBody(Strict):
     """``POST /score``: items plus options. ``tokens`` returns per-token arrays; ``logprob_floor``,
-    ``empty_score`` and ``max_length`` override the server's defaults for this request."""
+    ``empty_score``, ``max_length`` and ``render`` (for text items) override the server's defaults for
+    this request."""
 
     items: list[Item]
     entropy: StrictBool = False
@@ -51,6 +61,7 @@ class ScoreBody(Strict):
     logprob_floor: float | None = None
     empty_score: float | None = None
     max_length: StrictInt | None = Field(default=None, ge=2)
+    render: RenderBody | None = None
 
 
 class RewardBody(BaseModel):
