@@ -118,6 +118,22 @@ def test_softcapped_logits_match_the_model(gemma_tokenizer):
     assert abs(capped.mean_logprob - uncapped.mean_logprob) > 0.1
 
 
+def test_unknown_logit_postprocessing_falls_back_to_the_models_forward(smollm_tokenizer):
+    from cmerl.testing import tiny_causal_lm
+
+    model = tiny_causal_lm(len(smollm_tokenizer), arch="granite", seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    model.config.logits_scaling = 4.0  # Granite divides its logits by this inside forward()
+    v = Verifier(model, smollm_tokenizer)
+    with pytest.warns(UserWarning, match="full forward"):
+        scores = v.score(PROMPTS[:3], RESPONSES[:3], entropy=True, self_certainty=True)
+    for prompt, response, score in zip(PROMPTS, RESPONSES, scores):
+        req = v.render(prompt, response)
+        assert_matches_reference(v, score, req.input_ids, req.response_start)
+    assert Verifier(tiny_for_tokenizer(smollm_tokenizer, seed=3), smollm_tokenizer)._fast_head_ok()
+
+
 def test_bf16_weights_keep_fp32_logprob_precision(smollm_tokenizer):
     model = tiny_for_tokenizer(smollm_tokenizer, arch="llama", seed=2)
     fp32 = Verifier(model, smollm_tokenizer).score(PROMPTS, RESPONSES)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -106,6 +107,7 @@ class Verifier:
         self.head_chunk = int(head_chunk)
         self.fp32_head = fp32_head
         self._head_weight_fp32: torch.Tensor | None = None
+        self._fast_head: bool | None = None  # checked on first use, see _fast_head_ok
         self._spec: tuple[str, dict] | None = None
         self.last_seconds = 0.0
 
@@ -222,11 +224,17 @@ class Verifier:
             cols.append(torch.arange(p.start - 1, len(p.ids) - 1))
             targets.extend(p.ids[p.start:])
             sizes.append(n)
-        backbone = self.model.get_decoder()
-        hidden = backbone(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-        h = hidden[torch.cat(rows).to(device), torch.cat(cols).to(device)]  # (n_scored, hidden)
+        row_idx, col_idx = torch.cat(rows).to(device), torch.cat(cols).to(device)
         tgt = torch.tensor(targets, device=device)
-        stats, top = self._head_stats(h, tgt, entropy, self_certainty, top_k)
+        if self._fast_head_ok():
+            backbone = self.model.get_decoder()
+            hidden = backbone(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            h = hidden[row_idx, col_idx]  # (n_scored, hidden)
+            stats, top = self._head_stats(h, tgt, entropy, self_certainty, top_k)
+        else:  # the model's own forward: full (batch, length, vocab) logits, then the scored rows
+            logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            stats, top = self._head_stats(logits[row_idx, col_idx], tgt, entropy, self_certainty, top_k,
+                                          projected=True)
         top_split = list(zip(top[0].split(sizes), top[1].split(sizes))) if top_k else None
         out = []
         for b, parts in enumerate(zip(*[s.split(sizes) for s in stats])):
@@ -246,26 +254,58 @@ class Verifier:
                 out[-1].extra["top_logprobs"] = [list(zip(i.tolist(), v.tolist())) for v, i in zip(vals, idx)]
         return out
 
-    def _head_stats(self, h: torch.Tensor, tgt: torch.Tensor, entropy: bool, self_certainty: bool,
-                    top_k: int = 0) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """Per scored position: [logprob, (entropy), (self-certainty)], each (n_scored,) float32 on CPU,
-        and (top-k log-probs, top-k ids), each (n_scored, k), empty when ``top_k == 0``."""
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Output projection of hidden states ``h`` (n, hidden) → float32 logits (n, vocab), with the
+        logit scale / final soft-cap of the architectures that have one."""
         weight = self._head_weight()
-        head = self.model.get_output_embeddings()
-        bias = getattr(head, "bias", None)
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        bias = getattr(self.model.get_output_embeddings(), "bias", None)
+        logits = torch.nn.functional.linear(h.to(weight.dtype), weight,
+                                            None if bias is None else bias.to(weight.dtype)).float()
         scale = getattr(self.model.config, "logit_scale", None)
-        log_v = math.log(weight.shape[0])
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if scale:
+            logits = logits * scale
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _fast_head_ok(self) -> bool:
+        """Whether backbone + :meth:`_logits` reproduces ``model(ids).logits`` (checked once on 8 tokens).
+
+        Architectures that post-process logits in another way (e.g. Granite's ``logits_scaling``), or
+        whose backbone cannot be found, fall back to the model's own forward: still exact, but it builds
+        (batch, length, vocab) logits, so memory is no longer bounded by ``head_chunk``.
+        """
+        if self._fast_head is None:
+            ids = torch.arange(1, 9, device=self.model.device)[None]
+            try:
+                with torch.inference_mode():
+                    ours = self._logits(self.model.get_decoder()(input_ids=ids).last_hidden_state[0])
+                    ref = self.model(input_ids=ids).logits[0].float()
+                tol = 0.05 * (1.0 + float(ref.abs().max()))  # bf16 rounding passes, a wrong scale does not
+                self._fast_head = ours.shape == ref.shape and float((ours - ref).abs().max()) <= tol
+            except (AttributeError, TypeError, ValueError):
+                self._fast_head = False
+            if not self._fast_head:
+                warnings.warn(f"verifier {self.name!r}: this architecture post-processes its logits in a way the "
+                              "fast output projection does not reproduce; scoring with the model's full forward "
+                              "instead (exact, slower, more memory)", stacklevel=3)
+        return self._fast_head
+
+    def _head_stats(self, h: torch.Tensor, tgt: torch.Tensor, entropy: bool, self_certainty: bool,
+                    top_k: int = 0, projected: bool = False
+                    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """Per scored position: [logprob, (entropy), (self-certainty)], each (n_scored,) float32 on CPU,
+        and (top-k log-probs, top-k ids), each (n_scored, k), empty when ``top_k == 0``.
+
+        ``h``: (n_scored, hidden) hidden states, or (n_scored, vocab) logits when ``projected``."""
+        log_v = math.log(self.vocab_size)
         outs: list[list[torch.Tensor]] = [[] for _ in range(1 + entropy + self_certainty)]
         top_vals: list[torch.Tensor] = []
         top_ids: list[torch.Tensor] = []
         for s in range(0, h.shape[0], self.head_chunk):
-            hc = h[s:s + self.head_chunk].to(weight.dtype)
-            logits = torch.nn.functional.linear(hc, weight, None if bias is None else bias.to(weight.dtype)).float()
-            if scale:
-                logits = logits * scale
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
+            hc = h[s:s + self.head_chunk]
+            logits = hc.float().clone() if projected else self._logits(hc)
             lse = torch.logsumexp(logits, dim=-1)
             outs[0].append(logits.gather(-1, tgt[s:s + self.head_chunk, None]).squeeze(-1) - lse)
             if not (entropy or self_certainty or top_k):

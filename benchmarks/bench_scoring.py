@@ -1,0 +1,122 @@
+"""Scoring engine vs a naive reward function, side by side in one run.
+
+64 (prompt, response) pairs from the bundled UltraFeedback sample: 8 prompts x 8 responses (the prompt's
+own chosen and rejected answers plus six other rows' answers), each response cut to ``--max-words``
+words. Both scorers use the same rendered token ids and the same model object:
+
+* engine: ``Verifier.score_requests`` (length-sorted token-budget batches, output projection on response
+  rows only, chunked gather - logsumexp, fp32 head);
+* naive: one sequence at a time, ``torch.log_softmax(model(ids).logits.float(), -1)`` over the full
+  vocabulary, gather the response tokens.
+
+Prints scored response tokens per second for both, the speed ratio and the largest absolute difference of
+the per-pair mean log-probs (and, for bf16, the difference from the fp32 naive reference).
+
+    python benchmarks/bench_scoring.py                      # smollm2-135m-instruct, bf16 and fp32
+    python benchmarks/bench_scoring.py --verifier qwen2.5-coder-0.5b-instruct --dtypes bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from importlib import resources
+
+import torch
+
+from cmerl.scoring import ScoreRequest, Verifier
+
+
+def load_pairs(n_prompts: int, per_prompt: int, max_words: int, seed: int) -> tuple[list[str], list[str]]:
+    """``n_prompts * per_prompt`` (prompt, response) pairs from the bundled UltraFeedback rows."""
+    text = resources.files("cmerl").joinpath("data/ultrafeedback_1000.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = [r for r in rows if len(r["prompt"]) <= 400]  # keep prompts short: the response is what is scored
+    rng = random.Random(seed)
+    chosen_rows = rng.sample(rows, n_prompts + per_prompt)
+    targets, donors = chosen_rows[:n_prompts], chosen_rows[n_prompts:]
+
+    def cut(s: str) -> str:
+        return " ".join(s.split(" ")[:max_words])
+
+    prompts, responses = [], []
+    for i, row in enumerate(targets):
+        answers = [row["chosen"], row["rejected"]]
+        answers += [donors[(i + j) % len(donors)]["chosen"] for j in range(per_prompt - 2)]
+        for a in answers[:per_prompt]:
+            prompts.append(row["prompt"])
+            responses.append(cut(a))
+    return prompts, responses
+
+
+def naive_scores(model, requests: list[ScoreRequest]) -> list[float]:
+    """The reward function one writes first: full-vocab fp32 log-softmax per sequence."""
+    out = []
+    with torch.no_grad():
+        for r in requests:
+            ids = torch.tensor([r.input_ids])
+            logp = torch.log_softmax(model(ids).logits.float(), dim=-1)[0]
+            target = ids[0, r.response_start:]
+            lp = logp[r.response_start - 1:-1].gather(-1, target[:, None]).squeeze(-1)
+            out.append(float(lp.clamp_min(-20.0).mean()))
+    return out
+
+
+def timed(fn, repeats: int):
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--verifier", default="smollm2-135m-instruct")
+    ap.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated: bfloat16, float32")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--per-prompt", type=int, default=8)
+    ap.add_argument("--max-words", type=int, default=120, help="responses are cut to this many words")
+    ap.add_argument("--max-batch-tokens", type=int, default=None, help="engine token budget (default: engine's)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per scorer; the best is reported")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    prompts, responses = load_pairs(args.prompts, args.per_prompt, args.max_words, args.seed)
+    print(f"verifier {args.verifier}; {len(prompts)} pairs ({args.prompts} prompts x {args.per_prompt} "
+          f"responses, <= {args.max_words} words); torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows, fp32_naive = [], None
+    for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+        kwargs = {} if args.max_batch_tokens is None else {"max_batch_tokens": args.max_batch_tokens}
+        v = Verifier.from_pretrained(args.verifier, dtype=dtype, **kwargs)
+        requests = [v.render(p, r) for p, r in zip(prompts, responses)]
+        n_resp = sum(r.n_response_tokens for r in requests)
+        n_all = sum(len(r.input_ids) for r in requests)
+        v.score_requests(requests[:2])  # warm-up (allocations, fp32 head copy)
+        naive_scores(v.model, requests[:1])
+        t_engine, engine = timed(lambda: v.score_requests(requests), args.repeats)
+        t_naive, naive = timed(lambda: naive_scores(v.model, requests), args.repeats)
+        engine_means = [s.mean_logprob for s in engine]
+        diff = max(abs(a - b) for a, b in zip(engine_means, naive))
+        if dtype in ("float32", "fp32"):
+            fp32_naive = naive
+        rows.append((dtype, n_resp, n_all, t_engine, t_naive, diff, engine_means))
+        print(f"  {dtype}: engine {n_resp / t_engine:8.1f} response tok/s ({t_engine:.2f} s)   naive "
+              f"{n_resp / t_naive:8.1f} tok/s ({t_naive:.2f} s)   ratio {t_naive / t_engine:.2f}x   "
+              f"max |d mean logprob| {diff:.2e}", flush=True)
+        del v
+
+    print("\n| dtype | response tokens (all tokens) | engine tok/s | naive tok/s | speed-up | "
+          "max abs diff of mean log-prob vs naive (same dtype) | vs fp32 naive |")
+    print("|---|---|---|---|---|---|---|")
+    for dtype, n_resp, n_all, t_e, t_n, diff, means in rows:
+        vs32 = f"{max(abs(a - b) for a, b in zip(means, fp32_naive)):.2e}" if fp32_naive else "n/a"
+        print(f"| {dtype} | {n_resp} ({n_all}) | {n_resp / t_e:.1f} | {n_resp / t_n:.1f} | {t_n / t_e:.2f}x | "
+              f"{diff:.2e} | {vs32} |")
+
+
+if __name__ == "__main__":
+    main()
