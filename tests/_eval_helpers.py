@@ -33,6 +33,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 SMOLLM = "smollm2-135m-instruct"
 CMERL = str(Path(sys.executable).parent / "cmerl")
@@ -53,8 +54,8 @@ def rule_logprobs(resp_a: str, resp_b: str) -> dict[str, float]:
 
 def split_responses(text: str) -> tuple[str, str]:
     """The two responses in a prompt rendered from cmerl's packaged judge prompt."""
-    a = re.search(r"# Response A\n\n(.*?)\n\n# End of Response A", text, re.S)
-    b = re.search(r"# Response B\n\n(.*?)\n\n# End of Response B", text, re.S)
+    a = re.search(r"# Response A\n\n(.*?)\n\n# End of Response A", text, re.DOTALL)
+    b = re.search(r"# Response B\n\n(.*?)\n\n# End of Response B", text, re.DOTALL)
     if not a or not b:
         raise ValueError("prompt does not hold '# Response A' / '# Response B' sections")
     return a.group(1), b.group(1)
@@ -63,8 +64,8 @@ def split_responses(text: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------- the server
 class _Handler(BaseHTTPRequestHandler):
     server_version = "cmerl-test-judge/1"
-    stats: dict[str, int] = {}
-    seen: set[str] = set()
+    stats: ClassVar[dict[str, int]] = {}
+    seen: ClassVar[set[str]] = set()
     lock = threading.Lock()
     api_key: str | None = None
 
@@ -203,6 +204,25 @@ class JudgeServer:
 
 
 # --------------------------------------------------------------------------- files and tiny models
+def _single_thread():
+    """Run tiny models on one intra-op thread: on a shared 2-core machine, OpenMP threads that spin while
+    another process holds a core make a (227 x 32) @ (32 x 32) matmul take ~60 ms instead of ~0.1 ms."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+try:
+    import pytest
+
+    single_thread = pytest.fixture(_single_thread)
+except ImportError:  # running as the server script without pytest
+    single_thread = None
+
+
 def save_tiny_model(folder: Path, *, alias: str = SMOLLM, arch: str = "llama", seed: int = 0) -> Path:
     """An HF folder with a tiny random causal LM and the real tokenizer of ``alias``."""
     from cmerl.models import load_tokenizer

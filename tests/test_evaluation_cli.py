@@ -8,14 +8,21 @@ import json
 import shutil
 
 import pytest
+from _eval_helpers import (
+    JudgeServer,
+    save_tiny_model,
+    single_thread,  # noqa: F401  (fixture, used via pytestmark)
+    write_outputs,
+)
 from typer.testing import CliRunner
 
-from _eval_helpers import JudgeServer, save_tiny_model, write_outputs
 from cmerl.cli import app
 from cmerl.evaluation import load_reference_pairs
 from cmerl.judging import read_verdicts
 
 runner = CliRunner()
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: see _eval_helpers
 
 
 def invoke(*args: str):

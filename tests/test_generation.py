@@ -4,22 +4,36 @@ format, resuming after a stop or a real SIGKILL."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
 
 import pytest
 import torch
+from _eval_helpers import (
+    CMERL,
+    save_tiny_model,
+    single_thread,  # noqa: F401  (fixture, used via pytestmark)
+)
 
-from _eval_helpers import CMERL, save_tiny_model
 from cmerl.formatting import RenderConfig, render_context
-from cmerl.generation import (GenerationConfig, PromptItem, generate_outputs, load_prompt_items,
-                              parse_prompt_spec, partial_path, resolve_trained_model)
+from cmerl.generation import (
+    GenerationConfig,
+    PromptItem,
+    generate_outputs,
+    load_prompt_items,
+    parse_prompt_spec,
+    partial_path,
+    resolve_trained_model,
+)
 from cmerl.io import iter_jsonl
 
 ITEMS = [PromptItem(0, "Name a prime number."), PromptItem(1, "Write one long sentence about the history of "
                                                               "the printing press in Europe."),
          PromptItem(2, "Hi"), PromptItem(3, "List three colours, then explain why the sky is blue.")]
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: see _eval_helpers
 
 
 @pytest.mark.parametrize("spec, parsed", [
@@ -163,7 +177,8 @@ def test_generate_survives_sigkill(tmp_path):
     out = tmp_path / "out.json"
     cmd = [CMERL, "generate", "--model", str(model_dir), "--prompts", "alpaca_eval:10", "--output", str(out),
            "--batch-size", "1", "--max-new-tokens", "24", "--dtype", "float32"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     side = partial_path(out)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(iter_jsonl(side))) < 3:  # header + 2 rows

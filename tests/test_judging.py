@@ -9,11 +9,30 @@ from importlib import resources
 
 import pytest
 import torch
+from _eval_helpers import (
+    JudgeServer,
+    quality,
+    rule_logprobs,
+    single_thread,  # noqa: F401  (fixture, used via pytestmark)
+)
 
-from _eval_helpers import JudgeServer, quality, rule_logprobs
-from cmerl.judging import (DecisionRule, Job, JudgeConnectionError, JudgePrompt, LocalJudge, OpenAIJudge,
-                           OrderResult, Pair, decide, judge_pairs, parse_verdict, read_verdicts, run_judge,
-                           truncate_response, verdicts_header)
+from cmerl.judging import (
+    DecisionRule,
+    Job,
+    JudgeConnectionError,
+    JudgePrompt,
+    LocalJudge,
+    OpenAIJudge,
+    OrderResult,
+    Pair,
+    decide,
+    judge_pairs,
+    parse_verdict,
+    read_verdicts,
+    run_judge,
+    truncate_response,
+    verdicts_header,
+)
 
 PAIRS = [
     Pair(0, "Name a prime number.", "7 is a prime number.", "Bananas are yellow."),
@@ -23,6 +42,8 @@ PAIRS = [
     Pair(3, "Say hi.", "hi", "Hello! How can I help you today?"),
     Pair(4, "Count to three.", "1, 2, 3", "one two three four"),
 ]
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: see _eval_helpers
 
 
 # --------------------------------------------------------------------------- prompt and parsing
@@ -266,10 +287,13 @@ def test_endpoint_api_key_from_env(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_packaged_qwen_judge_prefers_the_answer_to_the_right_prompt():
     """Qwen2.5-Coder-1.5B-Instruct (bf16): a real answer beats an answer to another prompt in most pairs."""
+    import os
+
     from cmerl.evaluation import load_reference_pairs
 
+    torch.set_num_threads(os.cpu_count() or 1)  # a real model: use the cores (single_thread restores it)
     refs = sorted(load_reference_pairs(), key=lambda r: len(r.pair.output_a))
-    real = [r.pair for r in refs if 80 <= len(r.pair.output_a) <= 400][:4]
+    real = [r.pair for r in refs if 60 <= len(r.pair.output_a) <= 250][:4]  # short: cheap on CPU
     assert len(real) == 4
     pairs = [Pair(k, p.instruction, p.output_a, real[(k + 1) % 4].output_a) for k, p in enumerate(real)]
     judge = LocalJudge.from_pretrained("qwen2.5-coder-1.5b-instruct", dtype="bfloat16")

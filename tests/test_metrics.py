@@ -6,8 +6,17 @@ import math
 
 import pytest
 
-from cmerl.metrics import (bootstrap_ci, length_stats, pearson, preference_scores, ranks, rate, repetition_rate,
-                           spearman, win_rate)
+from cmerl.metrics import (
+    bootstrap_ci,
+    length_stats,
+    pearson,
+    preference_scores,
+    ranks,
+    rate,
+    repetition_rate,
+    spearman,
+    win_rate,
+)
 
 
 def test_mixed_verdicts_hand_computed():

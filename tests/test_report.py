@@ -61,8 +61,7 @@ def test_report_of_an_evaluation(tmp_path):
               "prompt": {"sha256": "0" * 64, "text": "..."},
               "a": {"generator": "trained-run"}, "b": {"generator": "base-model"}}
     with open(tmp_path / "verdicts.jsonl", "w") as f:
-        for row in [header, *_verdict_rows()]:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in [header, *_verdict_rows()])
     outputs = [{"instruction": "q0", "output": "a b c d a b c d", "generator": "trained-run", "index": 0,
                 "finish_reason": "length", "generation": {"max_new_tokens": 5}},
                {"instruction": "q1", "output": "", "generator": "trained-run", "index": 1, "finish_reason": "stop",

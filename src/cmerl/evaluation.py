@@ -22,8 +22,17 @@ from pathlib import Path
 
 from cmerl.generation import GenerationConfig
 from cmerl.io import read_records, write_json_atomic
-from cmerl.judging import (DecisionRule, Judge, JudgePrompt, JudgeSpec, Pair, judge_key, read_verdicts,
-                           run_judge, verdicts_header)
+from cmerl.judging import (
+    DecisionRule,
+    Judge,
+    JudgePrompt,
+    JudgeSpec,
+    Pair,
+    judge_key,
+    read_verdicts,
+    run_judge,
+    verdicts_header,
+)
 from cmerl.metrics import Rate, WinRate, pearson, preference_scores, rate, spearman, win_rate
 
 JUDGE_CHECK_FILE = "judge_check_alpaca_eval_80.jsonl"
@@ -353,7 +362,7 @@ def find_metrics(run_dir: str | Path) -> Path | None:
     return None
 
 
-def run_eval(plan: EvalPlan, *, progress: bool = True, log=print) -> "WinRateSummary":
+def run_eval(plan: EvalPlan, *, progress: bool = True, log=print) -> WinRateSummary:
     """Run the whole evaluation (each step resumable) and return the win-rate summary."""
     import gc
 

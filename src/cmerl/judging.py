@@ -65,7 +65,7 @@ class JudgePrompt:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "JudgePrompt":
+    def load(cls, path: str | Path | None = None) -> JudgePrompt:
         """Load a prompt file (default: the packaged ``prompts/pairwise_judge.txt``).
 
         The file has three sections, each opened by a line ``<<<system>>>``, ``<<<user>>>`` and
@@ -79,7 +79,7 @@ class JudgePrompt:
             if not p.is_file():
                 raise FileNotFoundError(f"judge prompt file not found: {p}")
             text, source = p.read_text(encoding="utf-8"), str(p)
-        parts = re.split(r"^<<<(system|user|assistant_prefill)>>>[ \t]*\n", text, flags=re.M)
+        parts = re.split(r"^<<<(system|user|assistant_prefill)>>>[ \t]*\n", text, flags=re.MULTILINE)
         sections = dict(zip(parts[1::2], parts[2::2]))
         missing = [s for s in ("system", "user", "assistant_prefill") if s not in sections]
         if missing:
@@ -239,9 +239,10 @@ class LocalJudge:
         self.render_config = render
         self.dtype = dtype or str(next(model.parameters()).dtype).replace("torch.", "")
         self.progress: Callable[[int], None] | None = None  # called with the number of jobs just done
+        self._head_fp32: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @classmethod
-    def from_pretrained(cls, name: str, *, dtype: str = "bfloat16", **kwargs) -> "LocalJudge":
+    def from_pretrained(cls, name: str, *, dtype: str = "bfloat16", **kwargs) -> LocalJudge:
         """Load a judge by model name (packaged alias, HF folder, .gguf, hub id); bf16 by default."""
         from cmerl.models import load_model
 
@@ -306,9 +307,10 @@ class LocalJudge:
         last = torch.tensor([len(ids) - 1 for ids, _, _ in items], device=hidden.device)
         h = hidden[torch.arange(len(items), device=hidden.device), last]  # (rows, hidden)
         head = model.get_output_embeddings()
-        weight = head.weight.float()
-        bias = None if getattr(head, "bias", None) is None else head.bias.float()
-        logits = torch.nn.functional.linear(h.float(), weight, bias)
+        if self._head_fp32 is None or self._head_fp32[0].device != head.weight.device:
+            bias = getattr(head, "bias", None)
+            self._head_fp32 = (head.weight.detach().float(), None if bias is None else bias.detach().float())
+        logits = torch.nn.functional.linear(h.float(), *self._head_fp32)  # float32 log-probs
         if getattr(model.config, "logit_scale", None):
             logits = logits * model.config.logit_scale
         cap = getattr(model.config, "final_logit_softcapping", None)
@@ -458,7 +460,7 @@ def _letter_top_list(content: list[dict]) -> list[tuple[str, float]] | None:
     before = ""
     for tok in content:
         t = tok.get("token", "")
-        if t.strip() in ("A", "B") and (not before.strip() or re.search(r"response\W*$", before, re.I)):
+        if t.strip() in ("A", "B") and (not before.strip() or re.search(r"response\W*$", before, re.IGNORECASE)):
             tops = tok.get("top_logprobs") or []
             listed = [(x.get("token", ""), x.get("logprob")) for x in tops]
             if not any(k == t for k, _ in listed):

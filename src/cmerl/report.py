@@ -173,7 +173,10 @@ def write_report(directory: str | Path, *, output: str | Path | None = None, met
         raise FileNotFoundError(f"report folder not found: {d}")
     out = Path(output) if output else d / "report.md"
     figdir = out.parent / "figures"
-    rel = lambda p: Path(p).resolve().relative_to(out.parent.resolve()).as_posix()  # noqa: E731
+
+    def rel(p: Path) -> str:
+        return Path(p).resolve().relative_to(out.parent.resolve()).as_posix()
+
     rep = Report(out)
     lines = [f"# cmerl report: {d.resolve().name}", ""]
     missing = []
@@ -197,16 +200,16 @@ def write_report(directory: str | Path, *, output: str | Path | None = None, met
         b = summary.b.get("generator") or "B"
         stem = vf.name.removesuffix(".jsonl").replace(".", "_")
         lines += [f"### {a} (A) vs {b} (B) — `{vf.name}`", "",
-                  f"Judge: **{summary.judge}** ({summary.judge_settings.get('kind')}, "
-                  f"{summary.judge_settings.get('mode')} mode, tie threshold {summary.decision.get('threshold')} nats"
-                  f"{', ties when orders disagree' if summary.decision.get('require_consistent') else ''}); "
-                  f"{agreement_text(summary.agreement, summary.judge)}.", "",
-                  "| pairs judged | wins | ties | losses | errors (excluded) | win rate, ties half | 95% CI | "
-                  "win rate w/o ties | position consistency | mean chars A | mean chars B |",
+                  (f"Judge: **{summary.judge}** ({summary.judge_settings.get('kind')}, "
+                   f"{summary.judge_settings.get('mode')} mode, tie threshold {summary.decision.get('threshold')} nats"
+                   f"{', ties when orders disagree' if summary.decision.get('require_consistent') else ''}); "
+                   f"{agreement_text(summary.agreement, summary.judge)}."), "",
+                  ("| pairs judged | wins | ties | losses | errors (excluded) | win rate, ties half | 95% CI | "
+                   "win rate w/o ties | position consistency | mean chars A | mean chars B |"),
                   "|---|---|---|---|---|---|---|---|---|---|---|",
-                  f"| {w.n} | {w.wins} | {w.ties} | {w.losses} | {w.errors} | {_fmt_pct(w.win_rate)} | "
-                  f"{_fmt_pct(w.ci_low)}-{_fmt_pct(w.ci_high)} | {_fmt_pct(w.win_rate_no_ties)} | "
-                  f"{_fmt_pct(w.consistency)} | {w.mean_len_a or 0:.0f} | {w.mean_len_b or 0:.0f} |", ""]
+                  (f"| {w.n} | {w.wins} | {w.ties} | {w.losses} | {w.errors} | {_fmt_pct(w.win_rate)} | "
+                   f"{_fmt_pct(w.ci_low)}-{_fmt_pct(w.ci_high)} | {_fmt_pct(w.win_rate_no_ties)} | "
+                   f"{_fmt_pct(w.consistency)} | {w.mean_len_a or 0:.0f} | {w.mean_len_b or 0:.0f} |"), ""]
         if w.n:
             f1 = winrate_figure(summary, rows, figdir / f"{stem}_winrate.png", seed=seed)
             judged = [r for r in rows if r["verdict"] != "error" and r.get("len_a") is not None]
@@ -222,8 +225,8 @@ def write_report(directory: str | Path, *, output: str | Path | None = None, met
     outputs = [(p, rows) for p in sorted(d.glob("*.json")) if (rows := _is_outputs_file(p))]
     if outputs:
         lines += ["## Generated outputs", "",
-                  "| file | generator | n | mean chars | median chars | mean words | empty | stopped at max length | "
-                  "4-gram repetition |", "|---|---|---|---|---|---|---|---|---|"]
+                  ("| file | generator | n | mean chars | median chars | mean words | empty | stopped at max length | "
+                   "4-gram repetition |"), "|---|---|---|---|---|---|---|---|---|"]
         for p, rows in outputs:
             rep.inputs.append(p)
             st = length_stats([str(r.get("output", "")) for r in rows])
@@ -245,10 +248,10 @@ def write_report(directory: str | Path, *, output: str | Path | None = None, met
             continue
         rep.inputs.append(p)
         lines += [f"## Judge check: {res['judge']} (`{p.relative_to(d)}`)", "",
-                  "| pairs | agreement with GPT-4 Turbo | 95% CI | ties | errors | position consistency | "
-                  "length-only baseline |", "|---|---|---|---|---|---|---|",
-                  f"| {res['n']} | {_fmt_pct(ag['value'])} | {_fmt_pct(ag['ci_low'])}-{_fmt_pct(ag['ci_high'])} | "
-                  f"{res['ties']} | {res['errors']} | {_fmt_pct(cons['value'])} | {_fmt_pct(lb['value'])} |", ""]
+                  ("| pairs | agreement with GPT-4 Turbo | 95% CI | ties | errors | position consistency | "
+                   "length-only baseline |"), "|---|---|---|---|---|---|---|",
+                  (f"| {res['n']} | {_fmt_pct(ag['value'])} | {_fmt_pct(ag['ci_low'])}-{_fmt_pct(ag['ci_high'])} | "
+                   f"{res['ties']} | {res['errors']} | {_fmt_pct(cons['value'])} | {_fmt_pct(lb['value'])} |"), ""]
     for p in sorted(d.glob("**/reward_check*.json")):
         try:
             res = json.loads(p.read_text())
@@ -264,8 +267,8 @@ def write_report(directory: str | Path, *, output: str | Path | None = None, met
             lines.append(f"| {name} | {_fmt_pct(acc['value'])} | {_fmt_pct(acc['ci_low'])}-{_fmt_pct(acc['ci_high'])} "
                          f"| {_corr(s['pearson_length'])} | {_corr(s['spearman_length'])} |")
         lb = res["length_baseline"]
-        lines += [f"| length only (longer wins) | {_fmt_pct(lb['value'])} | {_fmt_pct(lb['ci_low'])}-"
-                  f"{_fmt_pct(lb['ci_high'])} | | |", ""]
+        lines += [(f"| length only (longer wins) | {_fmt_pct(lb['value'])} | {_fmt_pct(lb['ci_low'])}-"
+                   f"{_fmt_pct(lb['ci_high'])} | | |"), ""]
 
     # --- training curves
     mpath = Path(metrics) if metrics else find_metrics(d)
