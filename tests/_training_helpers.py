@@ -51,11 +51,11 @@ def word_tokens(tokenizer, n: int, *, start: int = 2000) -> list[int]:
     for tid in range(start, len(tokenizer)):
         text = tokenizer.decode([tid])
         word = text[1:]
-        if text.startswith(" ") and len(word) >= 3 and word.isascii() and word.isalpha() and word.islower():
-            if tokenizer.encode(text + text, add_special_tokens=False) == [tid, tid]:
-                out.append(tid)
-                if len(out) == n:
-                    return out
+        is_word = text.startswith(" ") and len(word) >= 3 and word.isascii() and word.isalpha() and word.islower()
+        if is_word and tokenizer.encode(text + text, add_special_tokens=False) == [tid, tid]:
+            out.append(tid)
+            if len(out) == n:
+                return out
     raise AssertionError("not enough word tokens")
 
 

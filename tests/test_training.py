@@ -5,7 +5,6 @@ Every run uses tiny random models with real tokenizers, saved as HF folders (tes
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -18,14 +17,31 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _training_helpers import (
+    POLICY_TOKENIZER,
+    VERIFIER_TOKENIZER,
+    preference_pair,
+    tiny_config,
+    tiny_random_folder,
+    write_config,
+    write_prompts,
+)
 
-from _training_helpers import (POLICY_TOKENIZER, VERIFIER_TOKENIZER, preference_pair, tiny_config,
-                               tiny_random_folder, write_config, write_prompts)
 from cmerl import training
 from cmerl.diagnostics import RepetitionGuard, batch_diagnostics, distinct_n, repeated_ngram_share
 from cmerl.io import iter_jsonl
-from cmerl.training import (ConfigError, GuardedReward, RunDirExistsError, TrainConfig, apply_overrides,
-                            config_from_dict, latest_checkpoint, load_config, read_run_config, validate)
+from cmerl.training import (
+    ConfigError,
+    GuardedReward,
+    RunDirExistsError,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    latest_checkpoint,
+    load_config,
+    read_run_config,
+    validate,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -344,3 +360,82 @@ def test_learning_signal_raises_cme(tmp_path):
     assert first == pytest.approx(start, abs=1.0)
     assert last > first + 2.0, cme
     assert last == pytest.approx(best, abs=1.0)
+
+
+def test_two_processes_under_accelerate_launch_on_cpu(tmp_path, models):
+    """The same config under `accelerate launch` with 2 CPU processes: one DDP group (gloo), each process
+    loads its verifier once, and each step's completions table holds both processes' completions."""
+    import socket
+
+    import pandas as pd
+
+    policy, verifier, prompts = models
+    cfg = tiny_config(tmp_path, policy, verifier, prompts, max_steps=2, save_steps=2, per_device_train_batch_size=4)
+    path = write_config(tmp_path / "ddp.yaml", cfg)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bindir = Path(sys.executable).parent
+    proc = subprocess.run(
+        [str(bindir / "accelerate"), "launch", "--config_file", str(REPO / "examples/accelerate/cpu_2proc.yaml"),
+         "--main_process_port", str(port), str(bindir / "cmerl"), "train", "--config", str(path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = Path(cfg["output_dir"])
+    args = torch.load(run / "checkpoint-2" / "training_args.bin", weights_only=False)
+    assert args.world_size == 2
+    for rank in (0, 1):
+        assert proc.stderr.count(f"(rank {rank} of 2) loading reward models") == 1, proc.stderr[-3000:]
+    assert [r["step"] for r in metric_rows(run)] == [1, 2]
+    table = pd.read_parquet(run / "completions" / "completions_00002.parquet")
+    assert len(table) == 8  # 2 prompts x G=4, gathered from the 2 processes
+    groups = [str(list(p)) for p in table["prompt"]]
+    assert all(len(set(groups[i:i + 4])) == 1 for i in (0, 4)) and groups[0] != groups[4]
+
+
+def test_lora_with_weighted_baseline_reward_resumes_and_merges(tmp_path, models):
+    """LoRA + rewards [cme, self_certainty] weighted [1, 0.5] (live-policy baseline): the logged total is
+    the weighted sum, checkpoints hold the adapter, resume works, final/ is the merged model."""
+    from cmerl.models import load_model
+
+    policy, verifier, prompts = models
+    cfg = config_from_dict(tiny_config(tmp_path, policy, verifier, prompts, max_steps=2, save_steps=2, lora=True,
+                                       lora_r=4, lora_alpha=8, rewards=["cme", "self_certainty"],
+                                       reward_weights=[1.0, 0.5], log_completions=False))
+    validate(cfg)
+    training.train(cfg)
+    ckpt = latest_checkpoint(cfg.output_dir)
+    assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "adapter_config.json").is_file()
+    result = training.train(read_run_config(cfg.output_dir, ["max_steps=3"]), resume=True)
+    assert result.global_step == 3
+    rows = metric_rows(cfg.output_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["reward"] == pytest.approx(r["rewards/cme/mean"] + 0.5 * r["rewards/self_certainty/mean"], abs=1e-4)
+        assert r["rewards/self_certainty/mean"] > 0  # KL(uniform || p) is positive
+    assert not (result.final_dir / "adapter_config.json").exists()
+    model, _ = load_model(str(result.final_dir))
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_baseline_scorer_live_policy_tracks_updates_frozen_copy_does_not(tmp_path, models):
+    from cmerl.models import load_model, load_tokenizer
+    from cmerl.scoring import Verifier
+
+    policy_dir, verifier, prompts = models
+    base = tiny_config(tmp_path, policy_dir, verifier, prompts, rewards=["self_likelihood"])
+    model, tok = load_model(str(policy_dir))
+    pr, comps = ["Name a colour.", "Say hello."], ["Blue is a colour.", "Hello there!"]
+    live = training.build_rewards(config_from_dict({**base, "baseline_scorer": "policy"}), model, tok)[0]
+    frozen = training.build_rewards(config_from_dict({**base, "baseline_scorer": "frozen",
+                                                      "verifier_dtype": "float32"}), model, tok)[0]
+    before_live, before_frozen = live(pr, comps), frozen(pr, comps)
+    assert before_live == pytest.approx(before_frozen, abs=1e-4)
+    # Scored the way the policy sees its prompts (template default system prompt), not like a verifier.
+    ref = Verifier(load_model(str(policy_dir))[0], load_tokenizer(str(policy_dir)),
+                   render=training.policy_render_config(config_from_dict(base)))
+    assert before_live == pytest.approx([s.mean_logprob for s in ref.score(pr, comps)], abs=1e-4)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(3.0)
+    assert live(pr, comps) != pytest.approx(before_live, abs=1e-3)
+    assert frozen(pr, comps) == pytest.approx(before_frozen, abs=1e-6)

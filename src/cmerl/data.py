@@ -103,7 +103,7 @@ def read_prompts(source: str, *, column: str = "prompt", split: str = "train") -
             from datasets import load_dataset
 
             ds = load_dataset(source, split=split)
-        except Exception as exc:  # noqa: BLE001 - the hub raises many types; name the source and the fix
+        except Exception as exc:
             raise PromptDataError(
                 f"could not load Hugging Face dataset {source!r} (split {split!r}): {exc}. Use a bundled name "
                 f"({', '.join(BUNDLED)}) or a local {'/'.join(FILE_SUFFIXES)} file instead.") from exc

@@ -480,6 +480,9 @@ def grpo_args(cfg: TrainConfig, *, for_validation: bool = False):
     kwargs = {name: getattr(cfg, name) for name in GRPO_FIELDS}
     if for_validation and not torch.cuda.is_available():
         kwargs["bf16"] = False
+    if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        # transformers only joins a multi-process (torchrun / accelerate launch) group on CPU with use_cpu.
+        kwargs["use_cpu"] = True
     kwargs.update(
         output_dir=cfg.output_dir,
         run_name=Path(cfg.output_dir).name,
@@ -489,6 +492,7 @@ def grpo_args(cfg: TrainConfig, *, for_validation: bool = False):
         remove_unused_columns=False,
         report_to=cfg.report_to if cfg.report_to is not None else default_report_to(),
         log_level="warning",
+        ddp_find_unused_parameters=False,  # every policy parameter that trains is used in each forward
     )
     kwargs.update(cfg.trl)
     if for_validation and not torch.cuda.is_available():
@@ -509,7 +513,7 @@ def build_scorer(spec: str, *, dtype: str = "bfloat16", batch_tokens: int = 4096
         except ImportError as exc:
             raise ConfigError(f"verifier {spec!r} is a URL, but remote scoring (cmerl.scoring.remote) is not "
                               "available in this install") from exc
-        cls = getattr(remote, "RemoteVerifier")
+        cls = remote.RemoteVerifier
         return cls(spec, **kwargs)
     from cmerl.scoring import Verifier
 
@@ -749,13 +753,13 @@ def write_run_card(folder: Path, cfg: TrainConfig, log_history: Sequence[dict], 
         f"- reward: {reward_desc}"
         + (f"; cme = {cfg.cme_signal} under {', '.join(f'`{v}`' for v in cfg.verifiers)}" if "cme" in cfg.rewards else "")
         + (f"; baselines scored by the {cfg.baseline_scorer} policy" if set(cfg.rewards) - {"cme"} else ""),
-        f"- repetition guard: " + (f"reward {cfg.repetition_floor:g} when >{cfg.repetition_max_share:g} of "
+        "- repetition guard: " + (f"reward {cfg.repetition_floor:g} when >{cfg.repetition_max_share:g} of "
                                     f"{cfg.repetition_ngram}-grams repeat" if cfg.repetition_guard else "off"),
         f"- prompts: `{cfg.prompts}`, max {cfg.max_prompt_length} prompt tokens",
-        f"- GRPO: G={cfg.num_generations}, max_completion_length={cfg.max_completion_length}, "
-        f"temperature={cfg.temperature}, lr={cfg.learning_rate:g}, beta={cfg.beta:g}, loss={cfg.loss_type}, "
-        f"batch={cfg.per_device_train_batch_size}x{cfg.gradient_accumulation_steps}, "
-        f"mask_truncated_completions={cfg.mask_truncated_completions}",
+        (f"- GRPO: G={cfg.num_generations}, max_completion_length={cfg.max_completion_length}, "
+         f"temperature={cfg.temperature}, lr={cfg.learning_rate:g}, beta={cfg.beta:g}, loss={cfg.loss_type}, "
+         f"batch={cfg.per_device_train_batch_size}x{cfg.gradient_accumulation_steps}, "
+         f"mask_truncated_completions={cfg.mask_truncated_completions}"),
         f"- steps: {step} of {cfg.max_steps}",
         "",
         "## Reward curve",
@@ -857,8 +861,14 @@ class RichProgress(_trainer_callback_base()):
         if not state.is_world_process_zero:
             return
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.console = Console(stderr=True)
         self.progress = Progress(TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
@@ -879,13 +889,14 @@ class RichProgress(_trainer_callback_base()):
         per_step = (now - self._last_time) / max(1, state.global_step - self._last_step)
         self._last_time, self._last_step = now, state.global_step
         parts = [f"step {state.global_step}/{state.max_steps}"]
-        for key, label in (("reward", "reward"), ("reward_std", "std"), ("completions/mean_length", "len"),
-                           ("diagnostics/distinct_2", "distinct-2"), ("diagnostics/repeated_4gram_share", "rep4"),
-                           ("cme/seconds", "cme s")):
+        if logs.get("reward") is not None:
+            parts.append(f"reward {logs['reward']:.3f}" + (f"±{logs['reward_std']:.2f}" if logs.get("reward_std") is not None else ""))
+        for key, label, fmt in (("completions/mean_length", "len", ".0f"), ("diagnostics/distinct_2", "d2", ".2f"),
+                                ("diagnostics/repeated_4gram_share", "rep4", ".2f"), ("cme/seconds", "cme", ".1f")):
             if logs.get(key) is not None:
-                parts.append(f"{label} {logs[key]:.3f}")
-        parts.append(f"{per_step:.1f} s/step")
-        line = "  ".join(parts)
+                parts.append(f"{label} {logs[key]:{fmt}}" + ("s" if key == "cme/seconds" else ""))
+        parts.append(f"{per_step:.1f}s/step")
+        line = " ".join(parts)
         self.progress.update(self.task, status=f"reward {logs.get('reward', float('nan')):.3f}")
         self.console.print(line)
 
@@ -973,13 +984,20 @@ def prepare_run_dir(cfg: TrainConfig, *, resume: bool, echo: Echo | None = None)
 def build_session(cfg: TrainConfig, *, resume_from: Path | None = None, progress: bool = False,
                   echo: Echo | None = None) -> TrainingSession:
     """Load tokenizer, prompts, policy and verifiers, and build the ``GRPOTrainer`` with cmerl's callbacks."""
+    from accelerate import PartialState
     from trl import GRPOTrainer
 
     from cmerl.data import load_prompt_set, to_dataset
     from cmerl.models import load_model, load_tokenizer
 
-    say = echo or (lambda s: None)
     args = grpo_args(cfg)
+    state = PartialState()
+    rank = f"(rank {state.process_index} of {state.num_processes}) " if state.num_processes > 1 else ""
+
+    def say(text: str, *, every_rank: bool = False) -> None:
+        if echo is not None and (every_rank or state.is_main_process):
+            echo(rank + text if every_rank else text)
+
     tokenizer = load_tokenizer(cfg.policy)
     prompt_set = load_prompt_set(cfg.prompts, tokenizer, column=cfg.prompt_column, split=cfg.prompt_split,
                                  max_prompt_length=cfg.max_prompt_length, max_prompts=cfg.max_prompts,
@@ -990,7 +1008,8 @@ def build_session(cfg: TrainConfig, *, resume_from: Path | None = None, progress
     policy, _ = load_model(cfg.policy, dtype=cfg.policy_dtype, show_progress=progress)
     eos_ids = _eos_ids(policy, tokenizer)
     say("loading reward models: " + ", ".join(
-        (f"cme <- {', '.join(cfg.verifiers)} ({cfg.verifier_dtype})" if r == "cme" else r) for r in cfg.rewards))
+        (f"cme <- {', '.join(cfg.verifiers)} ({cfg.verifier_dtype})" if r == "cme" else r) for r in cfg.rewards),
+        every_rank=True)
     rewards = build_rewards(cfg, policy, tokenizer, eos_ids=eos_ids)
     peft_config = None
     if cfg.lora:

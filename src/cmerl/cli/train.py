@@ -43,20 +43,20 @@ def train(
 
     from cmerl import training
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     if print_config:
         typer.echo(training.config_template(), nl=False)
         return
     if (config is None) == (resume is None):
         console.print("[red]give exactly one of --config FILE (new run) or --resume RUN_DIR[/red]")
         raise typer.Exit(2)
+    _quiet_libraries()
     try:
         cfg = (training.read_run_config(resume, set_) if resume is not None
                else training.load_config(config, set_))
     except _user_errors() as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    _quiet_libraries()
     try:
         result = training.train(cfg, resume=resume is not None, progress=True, echo=console.print)
     except _user_errors() as exc:
@@ -84,18 +84,18 @@ def demo(
     from cmerl import demo as demo_mod
     from cmerl import training
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     overrides = list(set_)
     if output_dir is not None:
         overrides.append(f"output_dir={output_dir}")
     if steps is not None:
         overrides.append(f"max_steps={steps}")
+    _quiet_libraries()
     try:
         cfg = training.load_config(config, overrides) if config is not None else demo_mod.demo_config(overrides)
     except _user_errors() as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    _quiet_libraries()
     try:
         result = demo_mod.run_demo(cfg, echo=console.print)
     except _user_errors() as exc:
