@@ -183,3 +183,13 @@ def test_text_mode_sends_an_explicit_render_config(tiny_server, tiny_verifier_di
     assert_same(got, want)
     default = Verifier.from_pretrained(str(tiny_verifier_dir), dtype="float32").score(PROMPTS, RESPONSES)
     assert [g.n_tokens for g in got] != [d.n_tokens for d in default]  # the render config made a difference
+
+
+def test_independence_guard_sees_the_served_model(tiny_server, tiny_local, tiny_verifier_dir):
+    """CME refuses a remote verifier that serves the policy itself (compared by the served model's source)."""
+    from cmerl.rewards import CrossModelEntropy, SelfVerificationError
+
+    with RemoteVerifier(tiny_server.url, tiny_local.tokenizer) as rv:
+        with pytest.raises(SelfVerificationError):
+            CrossModelEntropy(rv, policy=str(tiny_verifier_dir))
+        CrossModelEntropy(rv, policy="smollm2-135m-instruct")  # another model: accepted

@@ -71,7 +71,13 @@ def serve(
                   address=ray_address, replica_cpus=replica_cpus, replica_gpus=replica_gpus,
                   on_ready=lambda: console.print(f"cmerl reward service ({replicas} Ray replicas) on {url}"))
         return
+    from cmerl.models import ModelNotAvailableError
+
     console.print(f"loading verifier {verifier} ...")
-    serve_http(spec, config, host=host, port=port, log_level=log_level,
-               on_ready=lambda v: console.print(f"cmerl reward service for {v.name} on {url} "
-                                                f"(batching {'on' if batching else 'off'}; Ctrl-C stops)"))
+    try:
+        serve_http(spec, config, host=host, port=port, log_level=log_level,
+                   on_ready=lambda v: console.print(f"cmerl reward service for {v.name} on {url} "
+                                                    f"(batching {'on' if batching else 'off'}; Ctrl-C stops)"))
+    except (FileNotFoundError, ModelNotAvailableError) as exc:
+        console.print(f"[red]cannot load verifier {verifier!r}: {exc}[/red]")
+        raise typer.Exit(1) from None

@@ -227,6 +227,17 @@ class RemoteVerifier:
             return self.info.model
         return self.model or self.url
 
+    @property
+    def source_name(self) -> str | None:
+        """The served model's name, for the independence guard of :class:`cmerl.rewards.CrossModelEntropy`
+        (asks the server on first use; None when it cannot be reached)."""
+        if self.info is None:
+            try:
+                self.check()
+            except RemoteScoringError:
+                return None
+        return self.info.model if self.info is not None else None
+
     # ------------------------------------------------------------------ rendering (same code as local)
     def render(self, prompt: Prompt, response: str) -> ScoreRequest:
         if self.tokenizer is None:
