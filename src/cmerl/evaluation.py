@@ -144,8 +144,9 @@ def judge_check(judge: Judge, *, output: str | Path, n: int = 40, data: str | Pa
     refs = load_reference_pairs(data, n)
     prompt = prompt or getattr(judge, "prompt", None) or JudgePrompt.load()
     source = str(data) if data else f"cmerl/data/{JUDGE_CHECK_FILE}"
-    header = verdicts_header(judge, rule, prompt, a={"path": source, "generator": "output_1"},
-                             b={"path": source, "generator": "output_2"})
+    header = verdicts_header(judge, rule, prompt,
+                             a={"path": source, "generator": refs[0].pair.generator_a or "output_1"},
+                             b={"path": source, "generator": refs[0].pair.generator_b or "output_2"})
     rows = run_judge(judge, [r.pair for r in refs], output, rule=rule, header=header, progress=progress)
     by_key = {(r["index"], r["instruction"]): r for r in rows}
     kept = [(ref, by_key[(ref.pair.index, ref.pair.instruction)]) for ref in refs
@@ -362,6 +363,20 @@ def find_metrics(run_dir: str | Path) -> Path | None:
     return None
 
 
+def training_system_prompt(run_dir: str | Path) -> str | None:
+    """The ``system_prompt`` of a training run's ``cmerl_config.yaml``, if there is one."""
+    cfg = Path(run_dir).expanduser() / "cmerl_config.yaml"
+    if not cfg.is_file():
+        return None
+    import yaml
+
+    try:
+        value = (yaml.safe_load(cfg.read_text()) or {}).get("system_prompt")
+    except (yaml.YAMLError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def run_eval(plan: EvalPlan, *, progress: bool = True, log=print) -> WinRateSummary:
     """Run the whole evaluation (each step resumable) and return the win-rate summary."""
     import gc
@@ -373,6 +388,10 @@ def run_eval(plan: EvalPlan, *, progress: bool = True, log=print) -> WinRateSumm
     out = Path(plan.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     items = load_prompt_items(plan.prompts)
+    trained_prompt = training_system_prompt(plan.trained)
+    if trained_prompt and trained_prompt != plan.generation.system_prompt:
+        log(f"note: {plan.trained} was trained with the system prompt {trained_prompt!r}; both models are "
+            f"evaluated with {plan.generation.system_prompt!r} (pass --system-prompt to change that)")
     paths = {"trained": out / "outputs_trained.json", "base": out / "outputs_base.json"}
     for role, name in (("trained", plan.trained), ("base", plan.base)):
         log(f"[1/3] generating {len(items)} outputs with the {role} model {name} -> {paths[role]}")

@@ -240,6 +240,7 @@ def eval_cmd(
     temperature: float = typer.Option(0.0, help="0 = greedy (default)."),
     batch_size: int = typer.Option(8, help="Prompts per generation batch."),
     dtype: str = typer.Option("bfloat16", help="Weights dtype while generating."),
+    system_prompt: str = typer.Option(None, help="System turn for both models (e.g. the one used in training)."),
     seed: int = typer.Option(0, help="Sampling and bootstrap seed."),
 ) -> None:
     """Trained vs base in one command: generate both, judge both orders, win rate with CI, report."""
@@ -253,7 +254,8 @@ def eval_cmd(
                         judge=_judge_spec(judge, judge_url, judge_api, api_key_env, logprobs, template_from,
                                           judge_dtype, max_response_chars, prompt_file, concurrency),
                         generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                                                    seed=seed, batch_size=batch_size, dtype=dtype),
+                                                    seed=seed, batch_size=batch_size, dtype=dtype,
+                                                    system_prompt=system_prompt),
                         rule=DecisionRule(threshold, require_consistent))
         summary = run_eval(plan, log=lambda m: console.print(m))
     except (ValueError, FileNotFoundError, JudgeConnectionError) as exc:
