@@ -44,6 +44,17 @@ from cmerl.training import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+#: Tiny models gain nothing from a second thread, and OpenMP threads that spin-wait slow down badly on a
+#: machine shared with other jobs; subprocesses get the same setting.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +305,7 @@ def test_sigkilled_run_resumes_and_never_loads_a_partial_checkpoint(tmp_path, mo
     run = Path(cfg["output_dir"])
     cmerl = Path(sys.executable).parent / "cmerl"
     proc = subprocess.Popen([str(cmerl), "train", "--config", str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+                            stderr=subprocess.PIPE, start_new_session=True, env=SUBPROCESS_ENV)
     try:
         deadline = time.time() + 240
         while time.time() < deadline:
@@ -379,7 +390,7 @@ def test_two_processes_under_accelerate_launch_on_cpu(tmp_path, models):
     proc = subprocess.run(
         [str(bindir / "accelerate"), "launch", "--config_file", str(REPO / "examples/accelerate/cpu_2proc.yaml"),
          "--main_process_port", str(port), str(bindir / "cmerl"), "train", "--config", str(path)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = Path(cfg["output_dir"])
     args = torch.load(run / "checkpoint-2" / "training_args.bin", weights_only=False)
@@ -439,3 +450,52 @@ def test_baseline_scorer_live_policy_tracks_updates_frozen_copy_does_not(tmp_pat
         model.get_output_embeddings().weight.mul_(3.0)
     assert live(pr, comps) != pytest.approx(before_live, abs=1e-3)
     assert frozen(pr, comps) == pytest.approx(before_frozen, abs=1e-6)
+
+
+def test_remote_verifier_url_trains_with_the_same_rewards(tmp_path, models):
+    """`verifiers: [http://...]` scores through a real `cmerl serve` process; the logged rewards equal a
+    local re-scoring of the logged completions."""
+    import socket
+
+    import httpx
+    import pandas as pd
+
+    from cmerl.scoring import Verifier
+
+    policy, verifier, prompts = models
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "cmerl"), "serve", "--verifier", str(verifier),
+                               "--dtype", "float32", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                              env=SUBPROCESS_ENV)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                pytest.fail(f"verifier server did not start: {server.stderr.read().decode()[-2000:]}")
+            time.sleep(0.3)
+        url = f"http://127.0.0.1:{port}#tokenizer={verifier}&protocol=cmerl"
+        cfg = config_from_dict(tiny_config(tmp_path, policy, verifier, prompts, verifiers=[url], max_steps=2,
+                                           save_steps=2))
+        validate(cfg)
+        training.train(cfg)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    table = pd.read_parquet(Path(cfg.output_dir) / "completions" / "completions_00002.parquet")
+    local = Verifier.from_pretrained(str(verifier), dtype="float32")
+    scores = local.score([list(p) for p in table["prompt"]], [list(c) for c in table["completion"]])
+    assert list(table["cme"]) == pytest.approx([s.mean_logprob for s in scores], abs=1e-4)
+    with pytest.raises(ConfigError, match="bad option"):
+        validate(apply_overrides(cfg, ["verifiers=[http://127.0.0.1:1#tokenizr=x]"]))

@@ -167,5 +167,6 @@ def render_comparison(result: DemoResult):
                    f"({result.steps} GRPO steps")
         if result.reward_first is not None and result.reward_last is not None:
             summary += f"; training reward {result.reward_first:.3f} at step 1 -> {result.reward_last:.3f} at the last step"
-        parts.append(summary + ")")
+        parts.append(summary + "). A few steps show the mechanics; they are too few to change the policy "
+                     "reliably: for a real run use `cmerl train` with hundreds of steps.")
     return Group(*parts)

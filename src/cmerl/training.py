@@ -378,6 +378,26 @@ def is_remote(spec: str) -> bool:
     return spec.startswith(("http://", "https://"))
 
 
+REMOTE_OPTIONS = ("tokenizer", "protocol", "model")
+
+
+def parse_remote_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``http://host:8000#tokenizer=NAME&protocol=openai&model=M`` -> (url, options).
+
+    ``tokenizer`` (a model name) makes pairs render and tokenize locally (needed for a plain ``vllm serve``);
+    without it a cmerl server renders text pairs itself. ``protocol``: auto, openai or cmerl.
+    """
+    url, _, fragment = spec.partition("#")
+    options: dict[str, str] = {}
+    for part in filter(None, fragment.split("&")):
+        key, eq, value = part.partition("=")
+        if not eq or key not in REMOTE_OPTIONS:
+            raise ConfigError(f"verifier {spec!r}: bad option {part!r}; use #key=value with keys "
+                              f"{', '.join(REMOTE_OPTIONS)} joined by &")
+        options[key] = value
+    return url, options
+
+
 def validate(cfg: TrainConfig, *, source: str = "<config>") -> None:
     """Checks that need no model: rewards, weights, independence, data file, LoRA, TRL passthrough, and the
     GRPOConfig itself (TRL's own divisibility checks). Raises :class:`ConfigError` / FileNotFoundError."""
@@ -399,6 +419,12 @@ def validate(cfg: TrainConfig, *, source: str = "<config>") -> None:
     if "cme" in cfg.rewards:
         if not cfg.verifiers:
             raise bad("verifiers", "the cme reward needs at least one verifier")
+        for v in cfg.verifiers:
+            if is_remote(v):
+                try:
+                    parse_remote_spec(v)
+                except ConfigError as exc:
+                    raise bad("verifiers", str(exc)) from None
         if not cfg.allow_self_verification:
             policy_id = model_identity(cfg.policy)
             for v in cfg.verifiers:
@@ -509,12 +535,12 @@ def build_scorer(spec: str, *, dtype: str = "bfloat16", batch_tokens: int = 4096
     kwargs = {} if render is None else {"render": render}
     if is_remote(spec):
         try:
-            from cmerl.scoring import remote
+            from cmerl.scoring.remote import RemoteVerifier
         except ImportError as exc:
             raise ConfigError(f"verifier {spec!r} is a URL, but remote scoring (cmerl.scoring.remote) is not "
                               "available in this install") from exc
-        cls = remote.RemoteVerifier
-        return cls(spec, **kwargs)
+        url, options = parse_remote_spec(spec)
+        return RemoteVerifier(url, options.pop("tokenizer", None), **options, **kwargs)
     from cmerl.scoring import Verifier
 
     if device is None:
