@@ -6,8 +6,16 @@ import json
 
 import pytest
 
-from cmerl.data import (PromptDataError, load_prompt_set, prompt_token_count, read_prompts, select_prompts,
-                        source_kind, to_dataset, to_policy_prompt)
+from cmerl.data import (
+    PromptDataError,
+    load_prompt_set,
+    prompt_token_count,
+    read_prompts,
+    select_prompts,
+    source_kind,
+    to_dataset,
+    to_policy_prompt,
+)
 from cmerl.models import load_tokenizer
 
 
