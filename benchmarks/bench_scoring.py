@@ -73,6 +73,22 @@ def timed(fn, repeats: int):
     return best, result
 
 
+def measure(args: argparse.Namespace, dtype: str, prompts: list[str], responses: list[str]) -> tuple:
+    """Time engine and naive scoring of all pairs with one verifier dtype; both see the same token ids."""
+    kwargs = {} if args.max_batch_tokens is None else {"max_batch_tokens": args.max_batch_tokens}
+    v = Verifier.from_pretrained(args.verifier, dtype=dtype, **kwargs)
+    requests = [v.render(p, r) for p, r in zip(prompts, responses)]
+    n_resp = sum(r.n_response_tokens for r in requests)
+    n_all = sum(len(r.input_ids) for r in requests)
+    v.score_requests(requests[:2])  # warm-up (allocations, fp32 head copy)
+    naive_scores(v.model, requests[:1])
+    t_engine, engine = timed(lambda: v.score_requests(requests), args.repeats)
+    t_naive, naive = timed(lambda: naive_scores(v.model, requests), args.repeats)
+    engine_means = [s.mean_logprob for s in engine]
+    diff = max(abs(a - b) for a, b in zip(engine_means, naive))
+    return dtype, n_resp, n_all, t_engine, t_naive, diff, engine_means, naive
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--verifier", default="smollm2-135m-instruct")
@@ -90,32 +106,24 @@ def main() -> None:
           f"responses, <= {args.max_words} words); torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows, fp32_naive = [], None
     for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
-        kwargs = {} if args.max_batch_tokens is None else {"max_batch_tokens": args.max_batch_tokens}
-        v = Verifier.from_pretrained(args.verifier, dtype=dtype, **kwargs)
-        requests = [v.render(p, r) for p, r in zip(prompts, responses)]
-        n_resp = sum(r.n_response_tokens for r in requests)
-        n_all = sum(len(r.input_ids) for r in requests)
-        v.score_requests(requests[:2])  # warm-up (allocations, fp32 head copy)
-        naive_scores(v.model, requests[:1])
-        t_engine, engine = timed(lambda: v.score_requests(requests), args.repeats)
-        t_naive, naive = timed(lambda: naive_scores(v.model, requests), args.repeats)
-        engine_means = [s.mean_logprob for s in engine]
-        diff = max(abs(a - b) for a, b in zip(engine_means, naive))
+        row = measure(args, dtype, prompts, responses)
+        dtype, n_resp, _, t_engine, t_naive, diff, _, naive = row
         if dtype in ("float32", "fp32"):
             fp32_naive = naive
-        rows.append((dtype, n_resp, n_all, t_engine, t_naive, diff, engine_means))
+        rows.append(row)
         print(f"  {dtype}: engine {n_resp / t_engine:8.1f} response tok/s ({t_engine:.2f} s)   naive "
               f"{n_resp / t_naive:8.1f} tok/s ({t_naive:.2f} s)   ratio {t_naive / t_engine:.2f}x   "
               f"max |d mean logprob| {diff:.2e}", flush=True)
-        del v
 
-    print("\n| dtype | response tokens (all tokens) | engine tok/s | naive tok/s | speed-up | "
-          "max abs diff of mean log-prob vs naive (same dtype) | vs fp32 naive |")
-    print("|---|---|---|---|---|---|---|")
-    for dtype, n_resp, n_all, t_e, t_n, diff, means in rows:
-        vs32 = f"{max(abs(a - b) for a, b in zip(means, fp32_naive)):.2e}" if fp32_naive else "n/a"
+    def vs32(means: list[float]) -> str:
+        return f"{max(abs(a - b) for a, b in zip(means, fp32_naive)):.2e}" if fp32_naive else "n/a"
+
+    print("\n| dtype | response tokens (all tokens) | engine tok/s | naive tok/s | speed-up | max abs diff of "
+          "mean log-prob, engine vs naive | engine vs fp32 naive | naive vs fp32 naive |")
+    print("|---|---|---|---|---|---|---|---|")
+    for dtype, n_resp, n_all, t_e, t_n, diff, means, naive in rows:
         print(f"| {dtype} | {n_resp} ({n_all}) | {n_resp / t_e:.1f} | {n_resp / t_n:.1f} | {t_n / t_e:.2f}x | "
-              f"{diff:.2e} | {vs32} |")
+              f"{diff:.2e} | {vs32(means)} | {vs32(naive)} |")
 
 
 if __name__ == "__main__":

@@ -45,8 +45,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 SMOLLM = "smollm2-135m-instruct"
 QWEN = "qwen2.5-coder-0.5b-instruct"

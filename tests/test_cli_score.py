@@ -58,7 +58,7 @@ def write_input(path: Path) -> tuple[list[int], dict[int, str]]:
 
 def test_score_jsonl_reports_bad_rows_and_scores_the_rest(tmp_path, verifier_folder):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    good_lines, bad_lines = write_input(inp)
+    _, bad_lines = write_input(inp)
     result = CliRunner().invoke(app, ["score", "--verifier", str(verifier_folder), "--input", str(inp),
                                       "--output", str(out), "--dtype", "float32", "--entropy", "--tokens"])
     assert result.exit_code == 0, result.output
@@ -121,6 +121,7 @@ def test_console_script_runs_end_to_end(tmp_path, verifier_folder):
     cmerl = Path(sys.executable).parent / "cmerl"
     proc = subprocess.run([str(cmerl), "score", "--verifier", str(verifier_folder), "--input", str(inp),
                            "--output", str(out), "--dtype", "float32"], capture_output=True, text=True, timeout=300,
+                          check=False,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
     assert proc.returncode == 0, proc.stderr
     assert "skipped line 2:" in proc.stderr

@@ -30,8 +30,8 @@ def _chat(tok) -> bool:
     return bool(tok.chat_template)
 
 
-def _ctx_ids(tok, prompt, config=RenderConfig()):
-    return tok(render_context(tok, prompt, config), add_special_tokens=not _chat(tok))["input_ids"]
+def _ctx_ids(tok, prompt, config: RenderConfig | None = None):
+    return tok(render_context(tok, prompt, config or RenderConfig()), add_special_tokens=not _chat(tok))["input_ids"]
 
 
 def _special_ids(tok) -> set[int]:

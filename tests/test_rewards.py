@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from _core_helpers import reference
 from transformers import TrainerState
 
 from cmerl.rewards import (
@@ -18,8 +19,6 @@ from cmerl.rewards import (
 )
 from cmerl.scoring import DEFAULT_LOGPROB_FLOOR, Verifier
 from cmerl.testing import tiny_for_tokenizer
-
-from _core_helpers import reference
 
 PROMPTS = ["What is 2+2?", "Name a colour.", "Say hello in French.", "What is 2+2?"]
 COMPLETIONS = ["2 + 2 = 4.", "Blue is a colour.", "Bonjour !", ""]

@@ -7,13 +7,12 @@ import random
 
 import pytest
 import torch
+from _core_helpers import reference
 
 from cmerl.formatting import render_pair
 from cmerl.scoring import DEFAULT_LOGPROB_FLOOR, ResponseScore, ScoreRequest, Verifier
 from cmerl.scoring.local import plan_batches
 from cmerl.testing import tiny_for_tokenizer
-
-from _core_helpers import reference
 
 PROMPTS = [
     "What is the capital of France?",
@@ -25,14 +24,14 @@ PROMPTS = [
 ]
 RESPONSES = [
     "The capital of France is Paris.",
-    "Red leaves drift down,\nsilence gathers on the path,\nthe forest exhales.\n\nLine one shows motion; "
-    "line two, stillness; line three, the forest as a living thing.",
+    ("Red leaves drift down,\nsilence gathers on the path,\nthe forest exhales.\n\nLine one shows motion; "
+     "line two, stillness; line three, the forest as a living thing."),
     "4",
     "Blue.",
     "Guten Morgen!",
-    "Imagine a set of nesting dolls: to find the smallest, you open one doll, and inside is a smaller doll, "
-    "and you keep opening until there is no doll left inside. Recursion is a task that contains a smaller "
-    "copy of itself.",
+    ("Imagine a set of nesting dolls: to find the smallest, you open one doll, and inside is a smaller doll, "
+     "and you keep opening until there is no doll left inside. Recursion is a task that contains a smaller "
+     "copy of itself."),
 ]
 
 

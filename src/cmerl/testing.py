@@ -15,10 +15,10 @@ def tiny_causal_lm(vocab_size: int, *, arch: str = "llama", seed: int = 0, hidde
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-                  num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2),
-                  max_position_embeddings=max_position_embeddings, pad_token_id=pad_token_id,
-                  eos_token_id=eos_token_id, bos_token_id=bos_token_id)
+    kwargs = {"vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": hidden_size * 2,
+              "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
+              "num_key_value_heads": max(1, num_heads // 2), "max_position_embeddings": max_position_embeddings,
+              "pad_token_id": pad_token_id, "eos_token_id": eos_token_id, "bos_token_id": bos_token_id}
     if arch == "gemma3_text":
         kwargs.update(head_dim=hidden_size // num_heads, sliding_window=64, layer_types=None)
     config = AutoConfig.for_model(arch, **kwargs)

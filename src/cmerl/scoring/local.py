@@ -113,7 +113,7 @@ class Verifier:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, name: str, *, dtype: str = "bfloat16", device: str = "cpu", **kwargs) -> "Verifier":
+    def from_pretrained(cls, name: str, *, dtype: str = "bfloat16", device: str = "cpu", **kwargs) -> Verifier:
         """Load a verifier by model name (packaged alias, folder, .gguf, hub id); bf16 by default."""
         from cmerl.models import load_model
 
