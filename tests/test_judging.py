@@ -300,3 +300,22 @@ def test_packaged_qwen_judge_prefers_the_answer_to_the_right_prompt():
     rows = judge_pairs(judge, pairs, DecisionRule(0.2))
     wins = [r["verdict"] for r in rows].count("a")
     assert wins >= 3, [(r["verdict"], r["margin"]) for r in rows]
+
+
+@pytest.mark.parametrize("alias, family", [("qwen2.5-coder-1.5b-instruct", "qwen"),
+                                           ("qwen2.5-coder-0.5b-instruct", "qwen"),
+                                           ("smollm2-135m-instruct", "smollm"), ("gemma-3-270m", "gemma")])
+def test_packaged_agreement_matches_the_default_setup(alias, family, request):
+    """The stored agreements apply only to the default prompt, settings and rule: changing any of them must
+    change the key (then re-run judge-check and update PACKAGED_AGREEMENT and benchmarks/RESULTS.md)."""
+    from cmerl.evaluation import PACKAGED_AGREEMENT, lookup_agreement
+    from cmerl.judging import judge_key
+
+    tok = request.getfixturevalue(f"{family}_tokenizer")
+    model = request.getfixturevalue({"smollm": "tiny_llama", "qwen": "tiny_qwen", "gemma": "tiny_gemma"}[family])
+    judge = LocalJudge(model, tok, name=alias, dtype="bfloat16")
+    header = verdicts_header(judge, DecisionRule(), judge.prompt, a={}, b={})
+    assert PACKAGED_AGREEMENT[judge_key(header)]["judge"] == alias
+    assert lookup_agreement(header)["judge"] == alias
+    other = verdicts_header(judge, DecisionRule(0.5), judge.prompt, a={}, b={})
+    assert judge_key(other) not in PACKAGED_AGREEMENT
