@@ -1,17 +1,28 @@
 """The default demo (``cmerl demo`` / ``make demo``): a short CME-GRPO run on the packaged models, then
-greedy completions of held-out prompts before and after training, each scored by the verifier.
+greedy completions of held-out prompts before and after training, each scored by the verifier, and a
+head-to-head: a packaged pairwise judge compares the after completions (system a) with the before ones
+(system b), both orders, once the policy and verifier are freed.
 
 The demo settings live in :data:`DEMO_SETTINGS` (``configs/demo.yaml`` is the same config as a file).
 """
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cmerl.judging import DecisionRule
+from cmerl.metrics import WinRate
 from cmerl.training import Echo, TrainConfig, apply_overrides, config_from_dict, finish, start, validate
+
+#: The head-to-head judge: the best packaged judge (docs/evaluation.md, /work/shared/MODELS.md), in bf16.
+DEMO_JUDGE = "qwen2.5-coder-1.5b-instruct"
+DEMO_JUDGE_DTYPE = "bfloat16"
+SAMPLES_NAME = "demo_samples.json"
+VERDICTS_NAME = "demo_verdicts.jsonl"
 
 #: The demo run. Sized from benchmarks/bench_grpo_step.py to finish in under 15 minutes on 2 CPU cores.
 DEMO_SETTINGS: dict = {
@@ -64,6 +75,26 @@ class SampleComparison:
 
 
 @dataclass
+class HeadToHead:
+    """A judge's verdicts on trained (system a) vs untrained (system b) completions of the same prompts.
+
+    winrate: wins/ties/losses of the trained policy with the tie-adjusted win rate and its bootstrap
+    interval (:func:`cmerl.metrics.win_rate`); verdicts_path: the verdicts file (``cmerl winrate`` reads it);
+    rows: its verdict rows, in prompt order; seconds: judging wall time, judge load excluded.
+    """
+
+    judge: str
+    verdicts_path: Path
+    winrate: WinRate
+    rows: list[dict]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"judge": self.judge, "verdicts": str(self.verdicts_path), "seconds": self.seconds,
+                **self.winrate.to_dict()}
+
+
+@dataclass
 class DemoResult:
     run_dir: Path
     final_dir: Path | None
@@ -74,6 +105,7 @@ class DemoResult:
     reward_first: float | None
     reward_last: float | None
     seconds: float
+    head_to_head: HeadToHead | None = None
 
 
 def generate_greedy(model, tokenizer, prompts: Sequence, *, max_new_tokens: int,
@@ -107,13 +139,89 @@ def generate_greedy(model, tokenizer, prompts: Sequence, *, max_new_tokens: int,
     return out
 
 
-def run_demo(cfg: TrainConfig, *, echo: Echo | None = None) -> DemoResult:
-    """Train per ``cfg`` (a new run) with before/after samples of its held-out prompts; see module docstring."""
-    from cmerl.io import write_json_atomic
+def head_to_head(judge, instructions: Sequence[str], trained: Sequence[str], untrained: Sequence[str],
+                 output: str | Path, *, rule: DecisionRule | None = None, trained_label: str = "trained policy",
+                 untrained_label: str = "untrained policy", source: str | None = None, progress: bool = False,
+                 seed: int = 0) -> HeadToHead:
+    """Judge ``trained[i]`` (system a) against ``untrained[i]`` (system b) as answers to ``instructions[i]``,
+    each pair in both orders, with ``judge`` (any :class:`cmerl.judging.Judge`, e.g. a ``LocalJudge``).
 
+    The rows go to ``output``, a verdicts file (header naming the judge, rule, prompt and both systems) that
+    ``cmerl winrate`` reads; an existing file with the same setup is resumed (see
+    :func:`cmerl.judging.run_judge`). ``rule`` defaults to ``DecisionRule()`` (ties below 0.2 nats of summed
+    margin). Identical completions give a zero margin, hence a tie. Raises
+    ValueError when the three lists differ in length or are empty.
+    """
+    from cmerl.judging import JudgePrompt, Pair, run_judge, verdicts_header
+    from cmerl.metrics import win_rate
+
+    n = len(instructions)
+    if n == 0 or len(trained) != n or len(untrained) != n:
+        raise ValueError(f"head_to_head needs as many trained ({len(trained)}) and untrained ({len(untrained)}) "
+                         f"completions as instructions ({n}), at least one")
+    pairs = [Pair(i, ins, a, b, "demo held-out", trained_label, untrained_label)
+             for i, (ins, a, b) in enumerate(zip(instructions, trained, untrained))]
+    rule = rule or DecisionRule()
+    prompt = getattr(judge, "prompt", None) or JudgePrompt.load()
+    header = verdicts_header(judge, rule, prompt, a={"path": source, "generator": trained_label},
+                             b={"path": source, "generator": untrained_label})
+    t0 = time.perf_counter()
+    rows = run_judge(judge, pairs, output, rule=rule, header=header, progress=progress)
+    seconds = time.perf_counter() - t0
+    wr = win_rate([r["verdict"] for r in rows], consistent=[r.get("consistent") for r in rows],
+                  len_a=[r.get("len_a") for r in rows], len_b=[r.get("len_b") for r in rows], seed=seed)
+    return HeadToHead(judge=judge.name, verdicts_path=Path(output), winrate=wr, rows=rows, seconds=seconds)
+
+
+def run_demo(cfg: TrainConfig, *, judge: str | None = DEMO_JUDGE, judge_dtype: str = DEMO_JUDGE_DTYPE,
+             echo: Echo | None = None) -> DemoResult:
+    """Train per ``cfg`` (a new run) with before/after samples of its held-out prompts, then (unless
+    ``judge`` is None) load ``judge`` and judge after vs before into ``RUN_DIR/demo_verdicts.jsonl``.
+
+    ``RUN_DIR/demo_samples.json`` is written right after training, so a failing judge loses nothing; it is
+    rewritten with the head-to-head summary when judging is done.
+    """
     say = echo or (lambda s: None)
     t0 = time.perf_counter()
+    if judge:
+        check_judge_name(judge)
     say(f"[bold]cmerl demo[/bold]: GRPO on CME rewards; outputs go to {cfg.output_dir}")
+    out, instructions, before, after = _train_and_sample(cfg, say, echo)  # the session is freed on return
+    out.seconds = time.perf_counter() - t0
+    _write_samples(out)
+    if judge:
+        from cmerl.judging import LocalJudge
+
+        gc.collect()
+        say(f"head-to-head: loading judge {judge} ({judge_dtype}) after freeing the policy and verifier ...")
+        lj = LocalJudge.from_pretrained(judge, dtype=judge_dtype)
+        try:
+            say(f"judging {len(instructions)} held-out pairs (after vs before), both orders ...")
+            out.head_to_head = head_to_head(
+                lj, instructions, after, before, out.run_dir / VERDICTS_NAME,
+                trained_label=f"{cfg.policy} after {out.steps} CME-GRPO steps",
+                untrained_label=f"{cfg.policy} before training", source=str(out.samples_path),
+                progress=echo is not None, seed=cfg.seed)
+        finally:
+            del lj
+            gc.collect()
+        out.seconds = time.perf_counter() - t0
+        _write_samples(out)
+    return out
+
+
+def check_judge_name(judge: str) -> None:
+    """Fail before training when the judge name cannot be resolved or its package is not installed."""
+    from cmerl.models import packaged_part_paths, resolve
+
+    src = resolve(judge)
+    if src.kind == "packaged":
+        packaged_part_paths(src.location)
+
+
+def _train_and_sample(cfg: TrainConfig, say: Echo, echo: Echo | None):
+    """Train with greedy before/after samples; returns ``(result, instructions, before, after)`` and keeps
+    no reference to the training session, so its models can be freed."""
     session = start(cfg, progress=echo is not None, echo=echo)
     heldout = session.prompt_set.heldout
     verifier = session.verifier()
@@ -133,15 +241,21 @@ def run_demo(cfg: TrainConfig, *, echo: Echo | None = None) -> DemoResult:
     cme_after = [s.mean_logprob for s in verifier.score(heldout, after)]
     samples = [SampleComparison(p, b, a, cb, ca) for p, b, a, cb, ca in zip(raw, before, after, cme_before, cme_after)]
     rewards = [h["reward"] for h in session.trainer.state.log_history if "reward" in h]
-    samples_path = session.run_dir / "demo_samples.json"
-    out = DemoResult(run_dir=session.run_dir, final_dir=result.final_dir, samples_path=samples_path, samples=samples,
-                     verifier=verifier.name, steps=result.global_step, reward_first=rewards[0] if rewards else None,
-                     reward_last=rewards[-1] if rewards else None, seconds=time.perf_counter() - t0)
-    write_json_atomic(samples_path, {
+    out = DemoResult(run_dir=session.run_dir, final_dir=result.final_dir, samples_path=session.run_dir / SAMPLES_NAME,
+                     samples=samples, verifier=verifier.name, steps=result.global_step,
+                     reward_first=rewards[0] if rewards else None, reward_last=rewards[-1] if rewards else None,
+                     seconds=0.0)
+    return out, raw, before, after
+
+
+def _write_samples(out: DemoResult) -> None:
+    from cmerl.io import write_json_atomic
+
+    write_json_atomic(out.samples_path, {
         "verifier": out.verifier, "steps": out.steps, "reward_first_step": out.reward_first,
         "reward_last_step": out.reward_last, "seconds": out.seconds,
-        "samples": [asdict(s) for s in samples]})
-    return out
+        "samples": [asdict(s) for s in out.samples],
+        "head_to_head": out.head_to_head.to_dict() if out.head_to_head else None})
 
 
 def render_comparison(result: DemoResult):
@@ -169,4 +283,23 @@ def render_comparison(result: DemoResult):
             summary += f"; training reward {result.reward_first:.3f} at step 1 -> {result.reward_last:.3f} at the last step"
         parts.append(summary + "). A few steps show the mechanics; they are too few to change the policy "
                      "reliably: for a real run use `cmerl train` with hundreds of steps.")
+    if result.head_to_head is not None:
+        parts.append(render_head_to_head(result.head_to_head))
     return Group(*parts)
+
+
+def render_head_to_head(h: HeadToHead) -> str:
+    """Two lines: who judged, wins/ties/losses of the trained policy, and its win rate with the interval."""
+    w = h.winrate
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.0f}%"
+
+    text = (f"head-to-head on {len(h.rows)} held-out prompts, judged by {h.judge} (both orders): trained vs "
+            f"untrained wins {w.wins} / ties {w.ties} / losses {w.losses}")
+    if w.errors:
+        text += f" (errors excluded: {w.errors})"
+    text += (f"; win rate of the trained policy (ties count half) {pct(w.win_rate)} "
+             f"[{int(w.level * 100)}% bootstrap CI {pct(w.ci_low)}-{pct(w.ci_high)}]")
+    return text + (f". {len(h.rows)} pairs and a weak, position-biased judge: an illustration, not a measurement "
+                   "(use `cmerl eval` for one).")

@@ -76,9 +76,11 @@ def demo(
     steps: int = typer.Option(None, "--steps", help="GRPO steps (default: the demo config's max_steps)."),
     config: Path = typer.Option(None, "--config", "-c", help="Use this config instead of the built-in demo config."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a config key: key=value (repeatable)."),
+    no_judge: bool = typer.Option(False, "--no-judge", help="Skip the head-to-head judging (saves about a minute)."),
+    judge: str = typer.Option(None, "--judge", help="Judge model for the head-to-head (default: qwen2.5-coder-1.5b-instruct, bf16)."),
 ) -> None:
     """Train SmolLM2-135M-Instruct on CME from a Qwen2.5-Coder verifier for a few steps, then show
-    before/after completions on held-out prompts with their CME scores."""
+    before/after completions on held-out prompts with their CME scores and a judged head-to-head."""
     from rich.console import Console
 
     from cmerl import demo as demo_mod
@@ -97,7 +99,8 @@ def demo(
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     try:
-        result = demo_mod.run_demo(cfg, echo=console.print)
+        result = demo_mod.run_demo(cfg, judge=None if no_judge else (judge or demo_mod.DEMO_JUDGE),
+                                   echo=console.print)
     except _user_errors() as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
@@ -107,4 +110,6 @@ def demo(
                   f"  metrics               {result.run_dir / training.METRICS_NAME}\n"
                   f"  run card              {result.run_dir / training.RUN_CARD_NAME}\n"
                   f"  completions table     {result.run_dir / 'completions'}\n"
-                  f"  trained model         {result.final_dir}")
+                  + (f"  head-to-head verdicts {result.head_to_head.verdicts_path}  "
+                     f"(`cmerl winrate {result.head_to_head.verdicts_path}`)\n" if result.head_to_head else "")
+                  + f"  trained model         {result.final_dir}")
