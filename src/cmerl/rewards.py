@@ -60,9 +60,16 @@ class VerifierReward:
     def __call__(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence | None = None,
                  log_metric: Callable[[str, float], None] | None = None, **kwargs: Any) -> list[float]:
         t0 = time.perf_counter()
-        per_scorer = self.score(prompts, completions)
+        return self.combine(self.score(prompts, completions), t0, log_metric)
+
+    def combine(self, per_scorer: list[list[ResponseScore]], t0: float,
+                log_metric: Callable[[str, float], None] | None = None) -> list[float]:
+        """One reward per completion: the signal averaged over scorers; logs figures through ``log_metric``.
+
+        ``per_scorer[k][i]`` is scorer k on completion i; ``t0`` is when scoring started (perf_counter).
+        """
         self.last_scores = per_scorer
-        n = len(completions)
+        n = len(per_scorer[0])
         rewards = [sum(scores[i].signal(self.signal) for scores in per_scorer) / len(per_scorer) for i in range(n)]
         if log_metric is not None and n:
             first = per_scorer[0]

@@ -29,13 +29,4 @@ class AsyncCrossModelEntropy(CrossModelEntropy):
         need_entropy = self.signal == "neg_entropy"
         per_scorer = list(await asyncio.gather(*(ascore(s, prompts, completions, entropy=need_entropy)
                                                  for s in self.scorers)))
-        self.last_scores = per_scorer
-        n = len(completions)
-        rewards = [sum(scores[i].signal(self.signal) for scores in per_scorer) / len(per_scorer) for i in range(n)]
-        if log_metric is not None and n:
-            first = per_scorer[0]
-            log_metric(f"{self.__name__}/response_tokens_mean", sum(s.n_tokens for s in first) / n)
-            log_metric(f"{self.__name__}/truncated_frac",
-                       sum(any(sc[i].truncated for sc in per_scorer) for i in range(n)) / n)
-            log_metric(f"{self.__name__}/seconds", time.perf_counter() - t0)
-        return rewards
+        return self.combine(per_scorer, t0, log_metric)
