@@ -63,19 +63,24 @@ class ReferencePair:
     preference: float
 
 
+def _rows_of(path: str | Path | None, bundled: str) -> tuple[list[tuple[int, object]], str]:
+    """``([(line, row)], source name)`` of a records file, or of the bundled file ``bundled`` when ``path``
+    is None; a malformed line raises ValueError naming it."""
+    if path is None:
+        text = resources.files("cmerl").joinpath("data", bundled).read_text(encoding="utf-8")
+        rows = [(i + 1, json.loads(line)) for i, line in enumerate(text.splitlines()) if line.strip()]
+        return rows, f"cmerl/data/{bundled}"
+    rows, bad = read_records(path)
+    if bad:
+        raise ValueError(f"{path}: line {bad[0].line}: {bad[0].reason}")
+    return rows, str(path)
+
+
 def load_reference_pairs(path: str | Path | None = None, n: int | None = None) -> list[ReferencePair]:
     """Pairs with GPT-4 Turbo preferences: the bundled sample, or an AlpacaEval ``annotations.json``
     (rows with ``instruction``, ``output_1``, ``output_2``, ``preference`` in [1, 2], 1 = output_1 wins).
     Rows without a numeric preference are skipped. ``n`` keeps the first n."""
-    if path is None:
-        text = resources.files("cmerl").joinpath("data", JUDGE_CHECK_FILE).read_text(encoding="utf-8")
-        rows = [(i + 1, json.loads(line)) for i, line in enumerate(text.splitlines()) if line.strip()]
-        source = f"cmerl/data/{JUDGE_CHECK_FILE}"
-    else:
-        rows, bad = read_records(path)
-        if bad:
-            raise ValueError(f"{path}: line {bad[0].line}: {bad[0].reason}")
-        source = str(path)
+    rows, source = _rows_of(path, JUDGE_CHECK_FILE)
     out = []
     for line, r in rows:
         if not isinstance(r, dict):
@@ -235,15 +240,7 @@ def load_preference_pairs(path: str | Path | None = None, n: int | None = None) 
     string fields (TRL's conversational ``[{"role", "content"}]`` form is accepted for all three)."""
     from cmerl.formatting import completion_text
 
-    if path is None:
-        text = resources.files("cmerl").joinpath("data", PREFERENCE_FILE).read_text(encoding="utf-8")
-        rows = [(i + 1, json.loads(line)) for i, line in enumerate(text.splitlines()) if line.strip()]
-        source = f"cmerl/data/{PREFERENCE_FILE}"
-    else:
-        rows, bad = read_records(path)
-        if bad:
-            raise ValueError(f"{path}: line {bad[0].line}: {bad[0].reason}")
-        source = str(path)
+    rows, source = _rows_of(path, PREFERENCE_FILE)
     out = []
     for line, r in rows:
         if not isinstance(r, dict) or any(k not in r for k in ("prompt", "chosen", "rejected")):
