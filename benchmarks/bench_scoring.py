@@ -10,7 +10,9 @@ words. Both scorers use the same rendered token ids and the same model object:
   vocabulary, gather the response tokens.
 
 Prints scored response tokens per second for both, the speed ratio and the largest absolute difference of
-the per-pair mean log-probs (and, for bf16, the difference from the fp32 naive reference).
+the per-pair mean log-probs (and each one's difference from the fp32 naive reference). The scorers
+alternate one prompt group (``--per-prompt`` pairs, like one GRPO reward call) at a time, so load from
+other processes on a shared machine affects both alike.
 
     python benchmarks/bench_scoring.py                      # smollm2-135m-instruct, bf16 and fp32
     python benchmarks/bench_scoring.py --verifier qwen2.5-coder-0.5b-instruct --dtypes bfloat16
@@ -64,17 +66,13 @@ def naive_scores(model, requests: list[ScoreRequest]) -> list[float]:
     return out
 
 
-def timed(fn, repeats: int):
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, result
-
-
 def measure(args: argparse.Namespace, dtype: str, prompts: list[str], responses: list[str]) -> tuple:
-    """Time engine and naive scoring of all pairs with one verifier dtype; both see the same token ids."""
+    """Time engine and naive scoring of all pairs with one verifier dtype; both see the same token ids.
+
+    The two scorers alternate group by group (one prompt's responses at a time, the batch a GRPO reward
+    call sees), and each group keeps its best of ``args.repeats`` runs, so load from other processes on a
+    shared machine hits both alike.
+    """
     kwargs = {} if args.max_batch_tokens is None else {"max_batch_tokens": args.max_batch_tokens}
     v = Verifier.from_pretrained(args.verifier, dtype=dtype, **kwargs)
     requests = [v.render(p, r) for p, r in zip(prompts, responses)]
@@ -82,9 +80,22 @@ def measure(args: argparse.Namespace, dtype: str, prompts: list[str], responses:
     n_all = sum(len(r.input_ids) for r in requests)
     v.score_requests(requests[:2])  # warm-up (allocations, fp32 head copy)
     naive_scores(v.model, requests[:1])
-    t_engine, engine = timed(lambda: v.score_requests(requests), args.repeats)
-    t_naive, naive = timed(lambda: naive_scores(v.model, requests), args.repeats)
-    engine_means = [s.mean_logprob for s in engine]
+    t_engine = t_naive = 0.0
+    engine_means: list[float] = []
+    naive: list[float] = []
+    for g in range(0, len(requests), args.per_prompt):
+        group = requests[g:g + args.per_prompt]
+        best_e = best_n = float("inf")
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            scores = v.score_requests(group)
+            best_e = min(best_e, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            naive_group = naive_scores(v.model, group)
+            best_n = min(best_n, time.perf_counter() - t0)
+        t_engine, t_naive = t_engine + best_e, t_naive + best_n
+        engine_means += [s.mean_logprob for s in scores]
+        naive += naive_group
     diff = max(abs(a - b) for a, b in zip(engine_means, naive))
     return dtype, n_resp, n_all, t_engine, t_naive, diff, engine_means, naive
 
@@ -97,7 +108,7 @@ def main() -> None:
     ap.add_argument("--per-prompt", type=int, default=8)
     ap.add_argument("--max-words", type=int, default=120, help="responses are cut to this many words")
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="engine token budget (default: engine's)")
-    ap.add_argument("--repeats", type=int, default=1, help="timed runs per scorer; the best is reported")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per group and scorer; the best counts")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 

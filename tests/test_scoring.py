@@ -143,6 +143,21 @@ def test_bf16_weights_keep_fp32_logprob_precision(smollm_tokenizer):
         assert b.mean_logprob == pytest.approx(a.mean_logprob, abs=0.05)
 
 
+def test_bf16_output_projection_keeps_fp32_precision(smollm_tokenizer):
+    model = tiny_for_tokenizer(smollm_tokenizer, arch="llama", seed=2, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    v = Verifier(model, smollm_tokenizer)
+    h = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.inference_mode():
+        ours = v._logits(h)
+        plain_bf16 = model.lm_head(h)
+    exact = h.double() @ model.lm_head.weight.detach().double().T
+    err = float((ours.double() - exact).abs().max())
+    assert ours.dtype == torch.float32 and err < 1e-5 * (1 + float(exact.abs().max()))
+    assert float((plain_bf16.double() - exact).abs().max()) > 100 * err  # what an all-bf16 head would lose
+
+
 def test_top_k_logprobs(tiny_qwen_verifier):
     v = tiny_qwen_verifier
     req = v.render(PROMPTS[4], RESPONSES[4])

@@ -12,6 +12,7 @@ Speed and memory:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -259,8 +260,12 @@ class Verifier:
         logit scale / final soft-cap of the architectures that have one."""
         weight = self._head_weight()
         bias = getattr(self.model.get_output_embeddings(), "bias", None)
-        logits = torch.nn.functional.linear(h.to(weight.dtype), weight,
-                                            None if bias is None else bias.to(weight.dtype)).float()
+        # An fp32 copy of a bf16 head times bf16 hidden states: every input is exactly a bf16 number, so
+        # oneDNN's bf16 matmul with fp32 accumulation and output gives the fp32 result, ~3x faster on CPU.
+        exact_in_bf16 = weight is self._head_weight_fp32 and h.dtype == torch.bfloat16
+        with _cpu_bf16_matmul(exact_in_bf16 and weight.device.type == "cpu"):
+            logits = torch.nn.functional.linear(h.to(weight.dtype), weight,
+                                                None if bias is None else bias.to(weight.dtype)).float()
         scale = getattr(self.model.config, "logit_scale", None)
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if scale:
@@ -325,6 +330,22 @@ class Verifier:
         if top_k:
             return stats, (torch.cat(top_vals).cpu(), torch.cat(top_ids).cpu())
         return stats, (torch.empty(0), torch.empty(0))
+
+
+@contextlib.contextmanager
+def _cpu_bf16_matmul(enabled: bool):
+    """Let CPU float32 matmuls run on bf16 units with fp32 accumulation (exact when the inputs are bf16
+    numbers); restores the previous setting. No-op when disabled or unsupported by this torch build."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if not enabled or matmul is None or not hasattr(matmul, "fp32_precision"):
+        yield
+        return
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
 
 
 def _verifier_from_spec(name: str, kwargs: dict) -> Verifier:
