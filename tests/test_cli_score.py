@@ -127,3 +127,35 @@ def test_console_script_runs_end_to_end(tmp_path, verifier_folder):
     assert "skipped line 2:" in proc.stderr
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["n_tokens"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- cmerl.io
+def test_read_records_reports_line_numbers(tmp_path):
+    from cmerl.io import read_records
+
+    p = tmp_path / "rows.jsonl"
+    p.write_text('{"a": 1}\n\n{broken\n{"a": 2}\n')
+    rows, bad = read_records(p)
+    assert rows == [(1, {"a": 1}), (4, {"a": 2})]
+    assert [(b.line, b.reason.split(":")[0]) for b in bad] == [(3, "invalid JSON")]
+    not_a_list = tmp_path / "obj.json"
+    not_a_list.write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="must hold a list of objects"):
+        read_records(not_a_list)
+    with pytest.raises(FileNotFoundError, match="input file not found"):
+        read_records(tmp_path / "missing.jsonl")
+
+
+def test_jsonl_append_and_torn_last_line(tmp_path):
+    from cmerl.io import append_jsonl, iter_jsonl, write_records
+
+    p = tmp_path / "log.jsonl"
+    append_jsonl(p, [{"i": 0}, {"i": 1}])
+    with p.open("a") as f:
+        f.write('{"i": 2, "torn')  # an interrupted writer
+    assert [r["i"] for r in iter_jsonl(p)] == [0, 1]
+    assert list(iter_jsonl(tmp_path / "absent.jsonl")) == []
+    out = tmp_path / "out.json"
+    write_records(out, [{"x": "é"}])
+    assert json.loads(out.read_text(encoding="utf-8")) == [{"x": "é"}]
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["log.jsonl", "out.json"]  # no temp files left
