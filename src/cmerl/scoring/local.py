@@ -42,6 +42,26 @@ def check_pairs(prompts: Sequence, responses: Sequence) -> None:
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses; they must pair up")
 
 
+def render_request(tokenizer, config: RenderConfig, prompt: Prompt, response: str) -> ScoreRequest:
+    """One pair rendered and tokenized (see :func:`cmerl.formatting.render_pair`)."""
+    pair = render_pair(tokenizer, prompt, response, config)
+    return ScoreRequest(pair.input_ids, pair.response_start)
+
+
+def render_requests(tokenizer, config: RenderConfig, prompts: Sequence[Prompt],
+                    responses: Sequence) -> list[ScoreRequest]:
+    """Parallel lists of prompts and responses (strings or TRL conversational completions) as requests;
+    a bad item raises naming its index."""
+    check_pairs(prompts, responses)
+    out = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        try:
+            out.append(render_request(tokenizer, config, p, completion_text(r)))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"item {i}: {exc}") from None
+    return out
+
+
 def truncate_request(req: ScoreRequest, max_length: int) -> _Prepared:
     """Fit a request into ``max_length`` tokens: drop prompt tokens from the left, keep the response;
     a response that does not fit on its own keeps one context token and its first ``max_length - 1`` tokens."""
@@ -137,18 +157,10 @@ class Verifier:
 
     # ------------------------------------------------------------------ rendering
     def render(self, prompt: Prompt, response: str) -> ScoreRequest:
-        pair = render_pair(self.tokenizer, prompt, response, self.render_config)
-        return ScoreRequest(pair.input_ids, pair.response_start)
+        return render_request(self.tokenizer, self.render_config, prompt, response)
 
     def render_all(self, prompts: Sequence[Prompt], responses: Sequence) -> list[ScoreRequest]:
-        check_pairs(prompts, responses)
-        out = []
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            try:
-                out.append(self.render(p, completion_text(r)))
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"item {i}: {exc}") from None
-        return out
+        return render_requests(self.tokenizer, self.render_config, prompts, responses)
 
     # ------------------------------------------------------------------ scoring
     def score(self, prompts: Sequence[Prompt], responses: Sequence, *, entropy: bool = False,

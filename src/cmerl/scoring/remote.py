@@ -37,8 +37,14 @@ from typing import Any, Self
 
 import httpx
 
-from cmerl.formatting import Prompt, RenderConfig, completion_text, render_pair
-from cmerl.scoring.local import DEFAULT_LOGPROB_FLOOR, check_pairs, truncate_request
+from cmerl.formatting import Prompt, RenderConfig, completion_text
+from cmerl.scoring.local import (
+    DEFAULT_LOGPROB_FLOOR,
+    check_pairs,
+    render_request,
+    render_requests,
+    truncate_request,
+)
 from cmerl.scoring.types import ResponseScore, ScoreRequest
 
 PROTOCOLS = ("auto", "openai", "cmerl")
@@ -243,18 +249,12 @@ class RemoteVerifier:
         if self.tokenizer is None:
             raise ValueError("this RemoteVerifier has no tokenizer (the server renders text pairs); "
                              "pass tokenizer= to render locally")
-        pair = render_pair(self.tokenizer, prompt, response, self.render_config)
-        return ScoreRequest(pair.input_ids, pair.response_start)
+        return render_request(self.tokenizer, self.render_config, prompt, response)
 
     def render_all(self, prompts: Sequence[Prompt], responses: Sequence) -> list[ScoreRequest]:
-        check_pairs(prompts, responses)
-        out = []
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            try:
-                out.append(self.render(p, completion_text(r)))
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"item {i}: {exc}") from None
-        return out
+        if self.tokenizer is None:
+            self.render("", "")  # raises the no-tokenizer error
+        return render_requests(self.tokenizer, self.render_config, prompts, responses)
 
     # ------------------------------------------------------------------ public scoring API
     def score(self, prompts: Sequence[Prompt], responses: Sequence, *, entropy: bool = False,
