@@ -110,7 +110,10 @@ def main() -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="engine token budget (default: engine's)")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per group and scorer; the best counts")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     prompts, responses = load_pairs(args.prompts, args.per_prompt, args.max_words, args.seed)
     print(f"verifier {args.verifier}; {len(prompts)} pairs ({args.prompts} prompts x {args.per_prompt} "
