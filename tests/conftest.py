@@ -145,3 +145,15 @@ def tmp_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cmerl-cache"
     monkeypatch.setenv("CMERL_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one torch thread: tiny models gain nothing from a second one, and spin-waiting
+    OpenMP threads slow down badly on a machine shared with other jobs. Restores the previous count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

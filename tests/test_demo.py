@@ -33,12 +33,7 @@ TRAINED = ["Rain is water falling from clouds.", "Blue.", "The sea is vast, salt
 UNTRAINED = ["It rains when it rains when it rains.", "Blue.", "Sea sea sea.", "Hi there, how are you today?"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
