@@ -72,24 +72,25 @@ def test_render_is_render_pair(tiny_llama_verifier):
 
 def test_independent_of_batch_composition_padding_order_and_budget(tiny_verifier):
     v = tiny_verifier
-    base = Verifier(v.model, v.tokenizer, max_batch_tokens=10**6)  # everything in one padded batch
+    base = Verifier(v.model, v.tokenizer, max_batch_tokens=10**6, max_padding=1.0)  # one padded batch
     one_by_one = [base.score([p], [r])[0] for p, r in zip(PROMPTS, RESPONSES)]
     together = base.score(PROMPTS, RESPONSES)
     tight = Verifier(v.model, v.tokenizer, max_batch_tokens=40, head_chunk=7).score(PROMPTS, RESPONSES)
+    default = Verifier(v.model, v.tokenizer).score(PROMPTS, RESPONSES)  # CPU default: little padding
     order = list(range(len(PROMPTS)))
     random.Random(0).shuffle(order)
     shuffled = base.score([PROMPTS[i] for i in order], [RESPONSES[i] for i in order])
     unshuffled = [None] * len(order)
     for pos, i in enumerate(order):
         unshuffled[i] = shuffled[pos]
-    for variant in (together, tight, unshuffled):
+    for variant in (together, tight, default, unshuffled):
         for a, b in zip(one_by_one, variant):
             assert a.n_tokens == b.n_tokens
             torch.testing.assert_close(torch.tensor(a.token_logprobs), torch.tensor(b.token_logprobs),
                                        atol=2e-5, rtol=0)
 
 
-def test_plan_batches_respects_the_token_budget():
+def test_plan_batches_respects_the_token_budget(tiny_llama_verifier):
     lengths = [5, 40, 12, 12, 3, 100, 7, 40]
     batches = plan_batches(lengths, max_batch_tokens=48)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
@@ -98,6 +99,11 @@ def test_plan_batches_respects_the_token_budget():
         assert len(b) == 1 or len(b) * width <= 48
     assert batches[0] == [5]  # longest first: the first batch shows the memory peak
     assert plan_batches(lengths, 10**6, max_batch_size=3)[0] == [5, 1, 7]
+    # padding limit: a row joins only if it is at least (1 - max_padding) of the batch width
+    assert plan_batches(lengths, 10**6, max_padding=0.1) == [[5], [1, 7], [2, 3], [6], [0], [4]]
+    assert plan_batches(lengths, 10**6, max_padding=0.75) == [[5, 1, 7], [2, 3, 6, 0, 4]]
+    with pytest.raises(ValueError, match="max_padding must be between 0 and 1"):
+        Verifier(tiny_llama_verifier.model, tiny_llama_verifier.tokenizer, max_padding=1.5)
 
 
 def test_softcapped_logits_match_the_model(gemma_tokenizer):

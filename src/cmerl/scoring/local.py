@@ -2,7 +2,8 @@
 
 Speed and memory:
 * requests are sorted longest first and packed into right-padded batches bounded by a token budget
-  (``max_batch_tokens`` = rows x padded length), then results are put back in input order;
+  (``max_batch_tokens`` = rows x padded length) and a padding limit (``max_padding``), then results
+  are put back in input order;
 * the backbone runs once per batch under ``torch.inference_mode``; the output projection is applied only
   to the positions whose next token is a response token, in chunks of ``head_chunk`` rows;
 * log-probs are ``gather(logits) - logsumexp(logits)`` in float32 per chunk: no (batch, length, vocab)
@@ -77,15 +78,18 @@ def truncate_request(req: ScoreRequest, max_length: int) -> _Prepared:
     return _Prepared(list(keep_ctx) + list(resp), len(keep_ctx), True)
 
 
-def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int = 256) -> list[list[int]]:
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int = 256,
+                 max_padding: float = 1.0) -> list[list[int]]:
     """Indices grouped into batches, longest first; each batch's rows x max length <= the budget
-    (a single over-long row still forms its own batch)."""
+    (a single over-long row still forms its own batch), and a row joins a batch only while its padding
+    stays within ``max_padding`` of the batch width (``length >= (1 - max_padding) * width``)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
         width = lengths[current[0]] if current else lengths[i]
-        if current and ((len(current) + 1) * width > max_batch_tokens or len(current) >= max_batch_size):
+        if current and ((len(current) + 1) * width > max_batch_tokens or len(current) >= max_batch_size
+                        or lengths[i] < (1.0 - max_padding) * width):
             batches.append(current)
             current = []
         current.append(i)
@@ -107,18 +111,21 @@ class Verifier:
         max_length: context limit in tokens (default: the model's ``max_position_embeddings``).
         head_chunk: rows of the output projection computed at once.
         fp32_head: run the output projection in float32 when the model is in a lower precision.
+        max_padding: a sequence joins a batch only if padding it to the batch width adds at most this
+            fraction of the width (default: 0.1 on CPU, where padded positions cost as much as real ones
+            and batching gains little; 1.0, i.e. no limit, on accelerators).
     """
 
-    def __init__(self, model, tokenizer, *, name: str | None = None, render: RenderConfig = RenderConfig(),
+    def __init__(self, model, tokenizer, *, name: str | None = None, render: RenderConfig | None = None,
                  logprob_floor: float = DEFAULT_LOGPROB_FLOOR, empty_score: float | None = None,
                  max_batch_tokens: int = 4096, max_length: int | None = None, head_chunk: int = 256,
-                 fp32_head: bool = True):
+                 fp32_head: bool = True, max_padding: float | None = None):
         if hasattr(model, "get_base_model"):  # a PEFT wrapper: score with the wrapped model as it is now
             model = model.get_base_model()
         self.model = model
         self.tokenizer = tokenizer
         self.name = name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
-        self.render_config = render
+        self.render_config = render or RenderConfig()
         self.logprob_floor = float(logprob_floor)
         self.empty_score = float(logprob_floor if empty_score is None else empty_score)
         self.max_batch_tokens = int(max_batch_tokens)
@@ -127,6 +134,11 @@ class Verifier:
             raise ValueError(f"max_length must be at least 2 tokens (got {self.max_length})")
         self.head_chunk = int(head_chunk)
         self.fp32_head = fp32_head
+        if max_padding is None:
+            max_padding = 0.1 if torch.device(model.device).type == "cpu" else 1.0
+        if not 0.0 <= max_padding <= 1.0:
+            raise ValueError(f"max_padding must be between 0 and 1 (got {max_padding})")
+        self.max_padding = float(max_padding)
         self._head_weight_fp32: torch.Tensor | None = None
         self._fast_head: bool | None = None  # checked on first use, see _fast_head_ok
         self._spec: tuple[str, dict] | None = None
@@ -190,7 +202,8 @@ class Verifier:
         for i, p in enumerate(prepared):
             if len(p.ids) == p.start:
                 results[i] = self._empty(p.truncated, entropy, self_certainty)
-        batches = plan_batches([len(prepared[i].ids) for i in todo], self.max_batch_tokens)
+        batches = plan_batches([len(prepared[i].ids) for i in todo], self.max_batch_tokens,
+                               max_padding=self.max_padding)
         iterator = batches
         if progress:
             from tqdm.auto import tqdm
