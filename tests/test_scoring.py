@@ -10,7 +10,7 @@ import torch
 from _core_helpers import reference
 
 from cmerl.formatting import render_pair
-from cmerl.scoring import DEFAULT_LOGPROB_FLOOR, ResponseScore, ScoreRequest, Verifier
+from cmerl.scoring import DEFAULT_LOGPROB_FLOOR, ResponseScore, ScoreRequest, Verifier, local
 from cmerl.scoring.local import plan_batches
 from cmerl.testing import tiny_for_tokenizer
 
@@ -88,6 +88,34 @@ def test_independent_of_batch_composition_padding_order_and_budget(tiny_verifier
             assert a.n_tokens == b.n_tokens
             torch.testing.assert_close(torch.tensor(a.token_logprobs), torch.tensor(b.token_logprobs),
                                        atol=2e-5, rtol=0)
+
+
+LONG_PROMPT = ("Read the following notes and answer the question at the end. " * 8
+               + "Question: what should the reader do first?")
+GROUP_RESPONSES = ["Read the notes.", "First, read the notes carefully, then answer the question.", "Answer.",
+                   "\nStart with the notes.", "They should begin by reading every note from the top, one by one."]
+
+
+def test_shared_prompt_prefix_equals_reference(tiny_verifier):
+    """A GRPO-shaped batch (one prompt, several responses) runs the prompt once and reuses its KV cache;
+    scores equal the float64 reference and the unshared engine (the prompt is longer than the tiny Gemma's
+    64-token sliding window, so the cache's window handling is exercised too)."""
+    v = tiny_verifier
+    prompts = [LONG_PROMPT] * len(GROUP_RESPONSES) + ["Something else entirely?"]
+    responses = GROUP_RESPONSES + ["A lone answer."]
+    requests = [v.render(p, r) for p, r in zip(prompts, responses)]
+    assert requests[0].response_start > 64
+    shared = Verifier(v.model, v.tokenizer, max_batch_tokens=600)  # several batches for the group
+    plan = shared._plan([local._Prepared(r.input_ids, r.response_start, False) for r in requests],
+                        list(range(len(requests))))
+    grouped = [rows for prefix_len, _, rows in plan if prefix_len]
+    assert sum(len(rows) for rows in grouped) >= 4 and len(grouped) >= 2
+    scores = shared.score(prompts, responses, entropy=True)
+    plain = Verifier(v.model, v.tokenizer, share_prefix=False).score(prompts, responses, entropy=True)
+    for req, a, b in zip(requests, scores, plain):
+        assert_matches_reference(v, a, req.input_ids, req.response_start)
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=2e-5)
+    assert shared._prefix_sharing_ok()
 
 
 def test_plan_batches_respects_the_token_budget(tiny_llama_verifier):

@@ -14,6 +14,7 @@ Speed and memory:
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 import warnings
@@ -26,6 +27,7 @@ from cmerl.formatting import Prompt, RenderConfig, completion_text, render_pair
 from cmerl.scoring.types import ResponseScore, ScoreRequest
 
 DEFAULT_LOGPROB_FLOOR = -20.0
+MIN_SHARED_PREFIX = 8  # tokens; shorter common prefixes are not worth a separate forward
 
 
 @dataclass
@@ -114,12 +116,15 @@ class Verifier:
         max_padding: a sequence joins a batch only if padding it to the batch width adds at most this
             fraction of the width (default: 0.1 on CPU, where padded positions cost as much as real ones
             and batching gains little; 1.0, i.e. no limit, on accelerators).
+        share_prefix: requests that share everything before their last context token (one prompt,
+            several responses) run that prefix once and reuse its KV cache (checked once per verifier
+            against the plain forward; architectures where it does not match score without sharing).
     """
 
     def __init__(self, model, tokenizer, *, name: str | None = None, render: RenderConfig | None = None,
                  logprob_floor: float = DEFAULT_LOGPROB_FLOOR, empty_score: float | None = None,
                  max_batch_tokens: int = 4096, max_length: int | None = None, head_chunk: int = 256,
-                 fp32_head: bool = True, max_padding: float | None = None):
+                 fp32_head: bool = True, max_padding: float | None = None, share_prefix: bool = True):
         if hasattr(model, "get_base_model"):  # a PEFT wrapper: score with the wrapped model as it is now
             model = model.get_base_model()
         self.model = model
@@ -139,6 +144,8 @@ class Verifier:
         if not 0.0 <= max_padding <= 1.0:
             raise ValueError(f"max_padding must be between 0 and 1 (got {max_padding})")
         self.max_padding = float(max_padding)
+        self.share_prefix = share_prefix
+        self._share_ok: bool | None = None  # checked on first use, see _prefix_sharing_ok
         self._head_weight_fp32: torch.Tensor | None = None
         self._fast_head: bool | None = None  # checked on first use, see _fast_head_ok
         self._spec: tuple[str, dict] | None = None
@@ -202,18 +209,21 @@ class Verifier:
         for i, p in enumerate(prepared):
             if len(p.ids) == p.start:
                 results[i] = self._empty(p.truncated, entropy, self_certainty)
-        batches = plan_batches([len(prepared[i].ids) for i in todo], self.max_batch_tokens,
-                               max_padding=self.max_padding)
-        iterator = batches
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(batches, desc=f"scoring ({self.name})", unit="batch")
         with torch.inference_mode():
-            for batch in iterator:
-                rows = [todo[j] for j in batch]
+            plan = self._plan(prepared, todo)
+            iterator = plan
+            if progress:
+                from tqdm.auto import tqdm
+
+                iterator = tqdm(plan, desc=f"scoring ({self.name})", unit="batch")
+            cached_group, cache = None, None
+            for prefix_len, group, rows in iterator:
                 batch_items = [prepared[i] for i in rows]
-                for i, res in zip(rows, self._score_batch(batch_items, entropy, self_certainty, top_k)):
+                if prefix_len and group != cached_group:
+                    cached_group, cache = group, self._prefix_cache(batch_items[0].ids[:prefix_len])
+                scores = self._score_batch(batch_items, entropy, self_certainty, top_k,
+                                           prefix_len=prefix_len, prefix_cache=cache if prefix_len else None)
+                for i, res in zip(rows, scores):
                     results[i] = res
         self.last_seconds = time.perf_counter() - t0
         return results  # type: ignore[return-value]
@@ -234,30 +244,102 @@ class Verifier:
             self._head_weight_fp32 = w.detach().float()
         return self._head_weight_fp32
 
-    def _score_batch(self, items: list[_Prepared], entropy: bool, self_certainty: bool,
-                     top_k: int = 0) -> list[ResponseScore]:
+    def _plan(self, prepared: list[_Prepared], todo: list[int]) -> list[tuple[int, int, list[int]]]:
+        """Work items ``(shared prefix length, group id, request indices)``, one per forward batch.
+
+        Requests whose tokens before their last context token are identical (one prompt, several
+        responses: a GRPO group) form a group when ``share_prefix``: the prefix runs once and its KV cache
+        serves all of the group's batches. Everything else goes into plain batches (prefix length 0).
+        """
+        groups: dict[tuple[int, ...], list[int]] = {}
+        if self.share_prefix and len(todo) > 1 and self._fast_head_ok() and self._prefix_sharing_ok():
+            for i in todo:
+                n = prepared[i].start - 1
+                if n >= MIN_SHARED_PREFIX:
+                    groups.setdefault(tuple(prepared[i].ids[:n]), []).append(i)
+        shared = [members for members in groups.values() if len(members) > 1]
+        in_group = {i for members in shared for i in members}
+        rest = [i for i in todo if i not in in_group]
+        plan = [(0, -1, [rest[j] for j in batch]) for batch in plan_batches(
+            [len(prepared[i].ids) for i in rest], self.max_batch_tokens, max_padding=self.max_padding)]
+        for g, members in enumerate(shared):
+            n = prepared[members[0]].start - 1
+            suffix_lengths = [len(prepared[i].ids) - n for i in members]
+            for batch in plan_batches(suffix_lengths, self.max_batch_tokens, max_padding=self.max_padding):
+                plan.append((n, g, [members[j] for j in batch]))
+        return plan
+
+    def _prefix_cache(self, prefix: list[int]):
+        """KV cache of the backbone over ``prefix`` (batch of one)."""
+        ids = torch.tensor([prefix], device=self.model.device)
+        return self.model.get_decoder()(input_ids=ids, use_cache=True).past_key_values
+
+    def _prefix_sharing_ok(self) -> bool:
+        """Whether a cached prefix + suffix batch reproduces the plain forward (checked once on 24 tokens);
+        if not (an architecture whose cache does not support it), prefixes are not shared."""
+        if self._share_ok is None:
+            ids = [t % self.vocab_size for t in range(1, 25)]
+            other = ids[:16] + [t % self.vocab_size for t in range(40, 44)]
+            items = [_Prepared(ids, 17, False), _Prepared(other, 17, False)]
+            try:
+                with torch.inference_mode():
+                    backbone = self.model.get_decoder()
+                    shared = self._hidden(items, 16, self._prefix_cache(ids[:16]))
+                    plain = [backbone(input_ids=torch.tensor([p.ids], device=self.model.device)).last_hidden_state[0]
+                             for p in items]
+                ref = torch.cat([plain[0][16:], plain[1][16:]]).float()
+                got = torch.cat([shared[0, :8], shared[1, :4]]).float()
+                rel = 1e-3 if self.model.dtype == torch.float32 else 3e-2
+                self._share_ok = float((got - ref).abs().max()) <= rel * (1.0 + float(ref.abs().max()))
+            except (AttributeError, TypeError, ValueError, RuntimeError, IndexError):
+                self._share_ok = False
+        return self._share_ok
+
+    def _hidden(self, items: list[_Prepared], prefix_len: int = 0, prefix_cache=None) -> torch.Tensor:
+        """Backbone hidden states (batch, width, hidden) of ``ids[prefix_len:]`` of each item, right-padded;
+        with a prefix, the cached prefix (batch of one) is repeated for the batch and attended to."""
         device = self.model.device
-        width = max(len(p.ids) for p in items)
+        width = max(len(p.ids) for p in items) - prefix_len
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(items), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
+        mask = torch.zeros((len(items), prefix_len + width), dtype=torch.long)
+        mask[:, :prefix_len] = 1
+        for b, p in enumerate(items):
+            input_ids[b, :len(p.ids) - prefix_len] = torch.tensor(p.ids[prefix_len:])
+            mask[b, prefix_len:len(p.ids)] = 1
+        backbone = self.model.get_decoder()
+        if not prefix_len:
+            return backbone(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(items))
+        positions = torch.arange(prefix_len, prefix_len + width, device=device)[None].expand(len(items), -1)
+        return backbone(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions,
+                        past_key_values=cache, use_cache=True).last_hidden_state
+
+    def _score_batch(self, items: list[_Prepared], entropy: bool, self_certainty: bool,
+                     top_k: int = 0, prefix_len: int = 0, prefix_cache=None) -> list[ResponseScore]:
+        device = self.model.device
         rows, cols, targets, sizes = [], [], [], []
         for b, p in enumerate(items):
-            input_ids[b, :len(p.ids)] = torch.tensor(p.ids)
-            mask[b, :len(p.ids)] = 1
             n = len(p.ids) - p.start
             rows.append(torch.full((n,), b, dtype=torch.long))
-            cols.append(torch.arange(p.start - 1, len(p.ids) - 1))
+            cols.append(torch.arange(p.start - 1 - prefix_len, len(p.ids) - 1 - prefix_len))
             targets.extend(p.ids[p.start:])
             sizes.append(n)
         row_idx, col_idx = torch.cat(rows).to(device), torch.cat(cols).to(device)
         tgt = torch.tensor(targets, device=device)
         if self._fast_head_ok():
-            backbone = self.model.get_decoder()
-            hidden = backbone(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            hidden = self._hidden(items, prefix_len, prefix_cache)
             h = hidden[row_idx, col_idx]  # (n_scored, hidden)
             stats, top = self._head_stats(h, tgt, entropy, self_certainty, top_k)
         else:  # the model's own forward: full (batch, length, vocab) logits, then the scored rows
+            width = max(len(p.ids) for p in items)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            input_ids = torch.full((len(items), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(items), width), dtype=torch.long)
+            for b, p in enumerate(items):
+                input_ids[b, :len(p.ids)] = torch.tensor(p.ids)
+                mask[b, :len(p.ids)] = 1
             logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
             stats, top = self._head_stats(logits[row_idx, col_idx], tgt, entropy, self_certainty, top_k,
                                           projected=True)
