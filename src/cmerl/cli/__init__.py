@@ -1,7 +1,7 @@
 """The ``cmerl`` command line: one typer app; each command lives in a submodule and is a thin call."""
 
-from cmerl.cli.app import app
 from cmerl.cli import score as _score  # noqa: F401  (registers commands)
+from cmerl.cli.app import app
 
 for _mod in ("train", "evaluate", "serve"):
     try:

@@ -1,0 +1,146 @@
+"""The GRPO recipe: a small config in, TRL's ``GRPOTrainer`` out, with CME rewards, logs and checkpoints.
+
+Read top to bottom:
+
+1. ``config`` — :class:`TrainConfig`, every knob of a run, documented; loaded from YAML with
+   ``--set key=value`` overrides and checked (unknown keys, types, verifier == policy, missing prompt file)
+   before any model loads. Fields named like ``GRPOConfig`` fields are passed to TRL unchanged; ``trl:``
+   passes any other ``GRPOConfig`` field through. :func:`grpo_args` is the ``trl.GRPOConfig`` of a run.
+2. ``reward_setup`` — :func:`build_scorer` / :func:`build_rewards`: verifiers and reward functions (CME,
+   self-referential baselines, weighted combinations), each wrapped by :class:`GuardedReward` (repetition
+   guard and the per-step degeneration diagnostics).
+3. ``checkpoints`` — checkpoint folders, their completion marker, and the run card with the reward curve.
+4. ``callbacks`` — ``metrics.jsonl``, a rich progress bar with ETA, and checkpoint finalisation (resolved
+   config, run card, and the completion marker written last).
+5. ``run`` — :func:`train`: build, (resume,) train, write ``final/``.
+
+Everything is re-exported here: ``from cmerl.training import TrainConfig, train``.
+
+The GRPO loop itself is TRL's; nothing here re-implements it.
+
+Run directory layout::
+
+    RUN_DIR/cmerl_config.yaml        resolved config (what --resume reads)
+    RUN_DIR/metrics.jsonl            one JSON object per logging step (TRL metric names + diagnostics)
+    RUN_DIR/completions/*.parquet    TRL's completions table (log_completions)
+    RUN_DIR/runs/                    TensorBoard events (when tensorboard is installed)
+    RUN_DIR/checkpoint-N/            HF folder + optimizer state + cmerl_config.yaml + run_card.md +
+                                     reward_curve.png + cmerl_checkpoint.json (marker, written last)
+    RUN_DIR/final/                   the trained model (LoRA merged) + tokenizer + config + run card
+"""
+
+from cmerl.training.callbacks import (
+    CheckpointFinalizer,
+    MetricsLogger,
+    RichProgress,
+)
+from cmerl.training.checkpoints import (
+    checkpoint_step,
+    is_complete_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    plot_reward_curve,
+    remove_incomplete_checkpoints,
+    reward_curve,
+    truncate_metrics,
+    write_run_card,
+)
+from cmerl.training.config import (
+    CHECKPOINT_PREFIX,
+    CONFIG_NAME,
+    CURVE_NAME,
+    GRPO_FIELDS,
+    MARKER_NAME,
+    METRICS_NAME,
+    REMOTE_OPTIONS,
+    RESUME_OVERRIDABLE,
+    REWARD_NAMES,
+    RUN_CARD_NAME,
+    ConfigError,
+    Echo,
+    RunDirExistsError,
+    TrainConfig,
+    apply_overrides,
+    config_fields,
+    config_from_dict,
+    config_reference,
+    config_template,
+    config_to_yaml,
+    default_report_to,
+    grpo_args,
+    is_remote,
+    load_config,
+    parse_remote_spec,
+    validate,
+)
+from cmerl.training.reward_setup import (
+    GuardedReward,
+    build_rewards,
+    build_scorer,
+    policy_render_config,
+)
+from cmerl.training.run import (
+    TrainingSession,
+    TrainResult,
+    build_session,
+    finish,
+    prepare_run_dir,
+    read_run_config,
+    save_final,
+    start,
+    train,
+)
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "CONFIG_NAME",
+    "CURVE_NAME",
+    "GRPO_FIELDS",
+    "MARKER_NAME",
+    "METRICS_NAME",
+    "REMOTE_OPTIONS",
+    "RESUME_OVERRIDABLE",
+    "REWARD_NAMES",
+    "RUN_CARD_NAME",
+    "CheckpointFinalizer",
+    "ConfigError",
+    "Echo",
+    "GuardedReward",
+    "MetricsLogger",
+    "RichProgress",
+    "RunDirExistsError",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingSession",
+    "apply_overrides",
+    "build_rewards",
+    "build_scorer",
+    "build_session",
+    "checkpoint_step",
+    "config_fields",
+    "config_from_dict",
+    "config_reference",
+    "config_template",
+    "config_to_yaml",
+    "default_report_to",
+    "finish",
+    "grpo_args",
+    "is_complete_checkpoint",
+    "is_remote",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_config",
+    "parse_remote_spec",
+    "plot_reward_curve",
+    "policy_render_config",
+    "prepare_run_dir",
+    "read_run_config",
+    "remove_incomplete_checkpoints",
+    "reward_curve",
+    "save_final",
+    "start",
+    "train",
+    "truncate_metrics",
+    "validate",
+    "write_run_card",
+]

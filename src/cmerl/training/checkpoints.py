@@ -1,0 +1,178 @@
+"""Checkpoint folders (a marker file written last says a checkpoint is complete), ``metrics.jsonl``
+trimming on resume, and the run card with its reward curve."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cmerl.training.config import (
+    CHECKPOINT_PREFIX,
+    CURVE_NAME,
+    MARKER_NAME,
+    RUN_CARD_NAME,
+    TrainConfig,
+    config_to_yaml,
+)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def checkpoint_step(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith(CHECKPOINT_PREFIX):
+        return None
+    try:
+        return int(name[len(CHECKPOINT_PREFIX):])
+    except ValueError:
+        return None
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """True when the checkpoint's marker exists and names its step (the marker is written last)."""
+    marker = path / MARKER_NAME
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return data.get("step") == checkpoint_step(path) and (path / "trainer_state.json").is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path, bool]]:
+    """``(step, path, complete)`` of every ``checkpoint-N`` folder, by step."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        step = checkpoint_step(p)
+        if step is not None and p.is_dir():
+            out.append((step, p, is_complete_checkpoint(p)))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step; partially written ones are ignored."""
+    complete = [p for _, p, ok in list_checkpoints(run_dir) if ok]
+    return complete[-1] if complete else None
+
+
+def remove_incomplete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Delete checkpoint folders without a valid marker (left by a killed run); returns what was removed."""
+    removed = []
+    for _, p, ok in list_checkpoints(run_dir):
+        if not ok:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def truncate_metrics(path: Path, max_step: int) -> int:
+    """Keep the rows of ``metrics.jsonl`` with ``step <= max_step`` (rewritten atomically); returns rows kept."""
+    from cmerl.io import iter_jsonl
+
+    if not path.is_file():
+        return 0
+    rows = [r for r in iter_jsonl(path) if r.get("step", 0) <= max_step]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+    return len(rows)
+
+
+def reward_curve(log_history: Sequence[dict]) -> list[dict]:
+    """Rows of ``log_history`` that carry a reward: step, reward, per-function means, diagnostics."""
+    keep = ("reward", "reward_std", "completions/mean_length", "diagnostics/distinct_2",
+            "diagnostics/repeated_4gram_share", "diagnostics/truncated_frac")
+    rows = []
+    for entry in log_history:
+        if "reward" not in entry or "step" not in entry:
+            continue
+        row = {"step": entry["step"]}
+        row.update({k: entry[k] for k in entry if k in keep or (k.startswith("rewards/") and k.endswith("/mean"))})
+        rows.append(row)
+    return rows
+
+
+def plot_reward_curve(rows: Sequence[dict], path: Path) -> bool:
+    """PNG of reward and per-function means against step; False (no file) when there is nothing to plot."""
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    keys = ["reward"] + sorted({k for r in rows for k in r if k.startswith("rewards/")})
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, label=k)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def write_run_card(folder: Path, cfg: TrainConfig, log_history: Sequence[dict], *, step: int) -> None:
+    """``run_card.md`` (+ ``reward_curve.png``) in ``folder``: what was trained, how, and the reward curve."""
+    rows = reward_curve(log_history)
+    has_plot = plot_reward_curve(rows, folder / CURVE_NAME)
+    cols = ["step", "reward"] + sorted({k for r in rows for k in r if k.startswith("rewards/")}) + [
+        "completions/mean_length", "diagnostics/distinct_2", "diagnostics/repeated_4gram_share"]
+    shown = rows if len(rows) <= 25 else [rows[round(i * (len(rows) - 1) / 24)] for i in range(25)]
+    tuning = f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha}" if cfg.lora else "full fine-tune"
+    weights = cfg.reward_weights or [1.0] * len(cfg.rewards)
+    reward_desc = " + ".join(f"{w:g} x {r}" for w, r in zip(weights, cfg.rewards))
+    lines = [
+        f"# cmerl GRPO run card: {Path(cfg.output_dir).name}, step {step}",
+        "",
+        f"- policy: `{cfg.policy}` ({tuning}, {cfg.policy_dtype})",
+        f"- reward: {reward_desc}"
+        + (f"; cme = {cfg.cme_signal} under {', '.join(f'`{v}`' for v in cfg.verifiers)}" if "cme" in cfg.rewards else "")
+        + (f"; baselines scored by the {cfg.baseline_scorer} policy" if set(cfg.rewards) - {"cme"} else ""),
+        "- repetition guard: " + (f"reward {cfg.repetition_floor:g} when >{cfg.repetition_max_share:g} of "
+                                    f"{cfg.repetition_ngram}-grams repeat" if cfg.repetition_guard else "off"),
+        f"- prompts: `{cfg.prompts}`, max {cfg.max_prompt_length} prompt tokens",
+        (f"- GRPO: G={cfg.num_generations}, max_completion_length={cfg.max_completion_length}, "
+         f"temperature={cfg.temperature}, lr={cfg.learning_rate:g}, beta={cfg.beta:g}, loss={cfg.loss_type}, "
+         f"batch={cfg.per_device_train_batch_size}x{cfg.gradient_accumulation_steps}, "
+         f"mask_truncated_completions={cfg.mask_truncated_completions}"),
+        f"- steps: {step} of {cfg.max_steps}",
+        "",
+        "## Reward curve",
+        "",
+    ]
+    if has_plot:
+        lines += [f"![reward curve]({CURVE_NAME})", ""]
+    if shown:
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|" + "---|" * len(cols))
+        for r in shown:
+            lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    else:
+        lines.append("(no logged steps yet)")
+    lines += ["", "## Config", "", "```yaml", config_to_yaml(cfg).rstrip(), "```", ""]
+    (folder / RUN_CARD_NAME).write_text("\n".join(lines), encoding="utf-8")
+
+

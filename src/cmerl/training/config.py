@@ -1,0 +1,492 @@
+"""The run config: :class:`TrainConfig`, YAML loading with ``--set`` overrides, and validation before any
+model loads."""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+REWARD_NAMES = ("cme", "self_certainty", "neg_entropy", "self_likelihood")
+CONFIG_NAME = "cmerl_config.yaml"
+MARKER_NAME = "cmerl_checkpoint.json"
+METRICS_NAME = "metrics.jsonl"
+RUN_CARD_NAME = "run_card.md"
+CURVE_NAME = "reward_curve.png"
+CHECKPOINT_PREFIX = "checkpoint-"
+#: Keys that ``--resume`` may change: they do not alter what the run computes up to its last checkpoint.
+RESUME_OVERRIDABLE = ("max_steps", "save_steps", "save_total_limit", "logging_steps", "report_to",
+                      "num_completions_to_print")
+#: GRPOConfig fields cmerl sets itself; the ``trl:`` passthrough may not set them.
+_MANAGED_TRL_FIELDS = ("output_dir", "save_strategy", "disable_tqdm", "reward_weights", "run_name",
+                       "remove_unused_columns", "logging_strategy", "max_prompt_length")
+
+Echo = Callable[[str], None]
+
+
+def _h(text: str) -> dict:
+    return {"help": text}
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    """One GRPO run. Field names that exist in ``trl.GRPOConfig`` mean exactly what they mean there."""
+
+    # --- models
+    policy: str = field(default="smollm2-135m-instruct", metadata=_h(
+        "Policy model to train: packaged alias, local HF folder, .gguf file or Hugging Face hub id."))
+    policy_dtype: str = field(default="float32", metadata=_h(
+        "Dtype of the policy weights: float32 (CPU) or bfloat16 (GPUs; then also set bf16: true)."))
+    lora: bool = field(default=False, metadata=_h(
+        "Train LoRA adapters (PEFT) instead of all weights; final/ holds the merged model."))
+    lora_r: int = field(default=16, metadata=_h("LoRA rank."))
+    lora_alpha: int = field(default=32, metadata=_h("LoRA alpha (scaling = alpha / r)."))
+    lora_dropout: float = field(default=0.0, metadata=_h("Dropout on the LoRA branch."))
+    lora_target_modules: str | list[str] = field(default="all-linear", metadata=_h(
+        "Modules that get adapters: 'all-linear' or a list of module names (e.g. [q_proj, v_proj])."))
+    verifiers: list[str] = field(default_factory=lambda: ["qwen2.5-coder-0.5b-instruct"], metadata=_h(
+        "Frozen verifier model(s) for the cme reward (several are averaged): model names, or http(s) URLs of "
+        "a verifier server (remote scoring, cmerl.scoring.remote)."))
+    verifier_dtype: str = field(default="bfloat16", metadata=_h(
+        "Dtype of local verifier weights (bfloat16 is ~2.5x faster on CPUs with AVX512-BF16)."))
+    verifier_batch_tokens: int = field(default=4096, metadata=_h(
+        "Token budget of one verifier forward batch (rows x padded length)."))
+    verifier_device: str | None = field(default=None, metadata=_h(
+        "Device of local verifiers (cpu, cuda, cuda:1); null = the training process's own device."))
+    allow_self_verification: bool = field(default=False, metadata=_h(
+        "Allow a cme verifier that is the policy model itself (the self-referential ablation)."))
+    # --- rewards
+    rewards: list[str] = field(default_factory=lambda: ["cme"], metadata=_h(
+        "Reward functions, summed with reward_weights: cme (verifier log-likelihood), and the self-referential "
+        "baselines self_certainty, neg_entropy, self_likelihood."))
+    reward_weights: list[float] | None = field(default=None, metadata=_h(
+        "One weight per reward (TRL reward_weights); default all 1.0."))
+    cme_signal: Literal["mean_logprob", "sum_logprob", "neg_entropy"] = field(default="mean_logprob", metadata=_h(
+        "What the cme reward reads from the verifier: mean_logprob (the paper's CME), sum_logprob, or "
+        "neg_entropy (negative mean verifier entropy)."))
+    baseline_scorer: Literal["policy", "frozen"] = field(default="policy", metadata=_h(
+        "Model behind the self-referential baselines: the live policy being trained, or a frozen copy of "
+        "its initial weights (loaded once more, in verifier_dtype)."))
+    repetition_guard: bool = field(default=True, metadata=_h(
+        "Replace the reward of completions dominated by repeated n-grams by repetition_floor."))
+    repetition_ngram: int = field(default=4, metadata=_h("n of the repetition guard's n-grams (tokens)."))
+    repetition_max_share: float = field(default=0.5, metadata=_h(
+        "A completion whose share of repeated n-grams exceeds this is degenerate."))
+    repetition_floor: float = field(default=-20.0, metadata=_h(
+        "Reward given to degenerate completions (reward units; -20 is the scoring engine's log-prob floor)."))
+    # --- data
+    prompts: str = field(default="ultrafeedback", metadata=_h(
+        "Prompt set: 'ultrafeedback' or 'alpaca_eval' (bundled), a local .jsonl/.json/.parquet file, or a "
+        "Hugging Face dataset id."))
+    prompt_column: str = field(default="prompt", metadata=_h(
+        "Column holding the prompt (a string or a chat message list) in files and hub datasets."))
+    prompt_split: str = field(default="train", metadata=_h("Split of a hub dataset."))
+    max_prompts: int | None = field(default=None, metadata=_h(
+        "Use only the first N prompts that fit (after holding out heldout_prompts); null = all."))
+    heldout_prompts: int = field(default=0, metadata=_h(
+        "Keep the last N fitting prompts out of training (the demo shows them before/after)."))
+    max_prompt_length: int = field(default=512, metadata=_h(
+        "Prompts longer than this many tokens (policy chat template included) are dropped, with a count "
+        "printed; never truncated."))
+    system_prompt: str | None = field(default=None, metadata=_h(
+        "System turn added to every policy prompt (chat-template policies); null = the template's default. "
+        "Verifiers score against the prompt without it."))
+    # --- GRPO (trl.GRPOConfig fields, same names and meaning)
+    num_generations: int = field(default=4, metadata=_h(
+        "Completions sampled per prompt (the GRPO group size G)."))
+    max_completion_length: int = field(default=128, metadata=_h("Maximum tokens per completion."))
+    temperature: float = field(default=1.0, metadata=_h("Sampling temperature."))
+    top_p: float = field(default=1.0, metadata=_h("Nucleus sampling threshold."))
+    learning_rate: float = field(default=1e-6, metadata=_h("AdamW learning rate."))
+    lr_scheduler_type: str = field(default="constant", metadata=_h(
+        "Learning-rate schedule (transformers name; cmerl defaults to constant so extending max_steps on "
+        "resume does not change the past)."))
+    beta: float = field(default=0.0, metadata=_h("KL coefficient against the reference model (0 = no KL, no ref model)."))
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = field(
+        default="dapo", metadata=_h("GRPO loss aggregation (TRL loss_type)."))
+    scale_rewards: Literal["group", "batch", "none"] = field(default="group", metadata=_h(
+        "Advantage scaling: by the group's reward std, the batch's, or none."))
+    max_steps: int = field(default=100, metadata=_h("Optimizer steps to train for."))
+    per_device_train_batch_size: int = field(default=8, metadata=_h(
+        "Completions per device per step; x processes x gradient_accumulation_steps must be divisible by "
+        "num_generations."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_h("Micro-batches per optimizer step."))
+    seed: int = field(default=42, metadata=_h("Seed of data order, LoRA init and sampling."))
+    mask_truncated_completions: bool = field(default=True, metadata=_h(
+        "Leave completions that hit max_completion_length without EOS out of the loss (anti-gaming)."))
+    bf16: bool = field(default=False, metadata=_h("bf16 mixed precision (GPUs)."))
+    gradient_checkpointing: bool = field(default=False, metadata=_h(
+        "Recompute activations in the backward pass to save memory (TRL defaults to true; cmerl to false "
+        "because the small CPU models do not need it)."))
+    use_vllm: bool = field(default=False, metadata=_h("Generate with vLLM (GPU; see vllm_mode)."))
+    vllm_mode: Literal["colocate", "server"] = field(default="colocate", metadata=_h(
+        "colocate: vLLM inside each training process; server: a separate `trl vllm-serve` / `vllm serve`."))
+    vllm_server_base_url: str | None = field(default=None, metadata=_h("Base URL of the vLLM server (server mode)."))
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata=_h("GPU memory share of colocated vLLM."))
+    # --- logging and checkpoints
+    output_dir: str = field(default="runs/cme-grpo", metadata=_h(
+        "Run directory: metrics.jsonl, completions, TensorBoard events, checkpoint-N/, final/."))
+    logging_steps: int = field(default=1, metadata=_h("Log metrics (and write metrics.jsonl) every N steps."))
+    save_steps: int = field(default=50, metadata=_h("Write a checkpoint every N steps (and always at the end)."))
+    save_total_limit: int | None = field(default=2, metadata=_h("Keep at most N checkpoints; null = all."))
+    log_completions: bool = field(default=True, metadata=_h(
+        "Save TRL's completions table (prompt, completion, rewards, advantage) to RUN_DIR/completions/."))
+    num_completions_to_print: int = field(default=0, metadata=_h(
+        "Completions printed as a table at each logging step (0 = none)."))
+    report_to: list[str] | None = field(default=None, metadata=_h(
+        "transformers report_to integrations; null = tensorboard when installed, else none."))
+    trl: dict[str, Any] = field(default_factory=dict, metadata=_h(
+        "Any other trl.GRPOConfig field, by its TRL name (e.g. {top_k: 50, warmup_steps: 10, epsilon_high: 0.28})."))
+
+
+class ConfigError(ValueError):
+    """A bad run config: names the key, the value and the file."""
+
+
+class RunDirExistsError(FileExistsError):
+    """``output_dir`` already holds a run; resume it or pick another directory."""
+
+
+def config_fields() -> dict[str, Any]:
+    """Field name -> resolved type annotation of :class:`TrainConfig`."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def config_reference() -> list[tuple[str, str, Any, str]]:
+    """``(name, type, default, help)`` of every config field, in declaration order."""
+    types = config_fields()
+    defaults = TrainConfig()
+    return [(f.name, _type_name(types[f.name]), getattr(defaults, f.name), f.metadata.get("help", ""))
+            for f in fields(TrainConfig)]
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+_BOOL_STRINGS = {"true": True, "yes": True, "on": True, "1": True,
+                 "false": False, "no": False, "off": False, "0": False}
+
+
+def _coerce(value: Any, tp: Any, key: str, *, from_cli: bool) -> Any:
+    """``value`` checked against annotation ``tp``; raises TypeError describing the mismatch.
+
+    Numeric strings are accepted for float fields (PyYAML reads ``1e-5`` as a string); from the command
+    line, strings are also converted to int/bool and a comma-separated string to a list.
+    """
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError("expected null")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, a, key, from_cli=from_cli)
+            except TypeError as exc:
+                errors.append(str(exc))
+        raise TypeError(" or ".join(errors))
+    if origin is Literal:
+        if value in args:
+            return value
+        raise TypeError(f"expected one of {', '.join(repr(a) for a in args)}")
+    if origin is list:
+        if isinstance(value, str) and from_cli:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list (got {type(value).__name__})")
+        return [_coerce(v, args[0], key, from_cli=from_cli) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a mapping (got {type(value).__name__})")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_cli and isinstance(value, str) and value.lower() in _BOOL_STRINGS:
+            return _BOOL_STRINGS[value.lower()]
+        raise TypeError(f"expected true or false (got {type(value).__name__} {value!r})")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if from_cli and isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise TypeError(f"expected an integer (got {type(value).__name__} {value!r})")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise TypeError(f"expected a number (got {type(value).__name__} {value!r})")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"expected a string (got {type(value).__name__} {value!r})")
+    raise TypeError(f"unsupported annotation {tp}")
+
+
+def _unknown_key_error(key: str, source: str) -> ConfigError:
+    names = [f.name for f in fields(TrainConfig)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{source}: unknown key {key!r}{hint}; run `cmerl train --print-config` for all keys")
+
+
+def config_from_dict(data: dict, *, source: str = "<config>") -> TrainConfig:
+    """Build a config from a mapping; unknown keys and wrong types raise :class:`ConfigError`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a config must be a mapping of key: value (got {type(data).__name__})")
+    types = config_fields()
+    values = {}
+    for key, value in data.items():
+        if key not in types:
+            raise _unknown_key_error(str(key), source)
+        try:
+            values[key] = _coerce(value, types[key], key, from_cli=False)
+        except TypeError as exc:
+            raise ConfigError(f"{source}: key {key!r} has a wrong type: {exc}") from None
+    return TrainConfig(**values)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Sequence[str], *, source: str = "--set",
+                    allowed: Sequence[str] | None = None) -> TrainConfig:
+    """Apply ``key=value`` overrides (values parsed as YAML; ``trl.NAME=value`` sets one TRL passthrough key).
+
+    ``allowed`` restricts which keys may change (used by ``--resume``).
+    """
+    types = config_fields()
+    data = asdict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source} {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        top = key.split(".", 1)[0]
+        if top not in types:
+            raise _unknown_key_error(top, f"{source} {item!r}")
+        if allowed is not None and top not in allowed:
+            raise ConfigError(f"{source} {item!r}: {top!r} cannot change when resuming a run "
+                              f"(allowed: {', '.join(allowed)}); start a new run instead")
+        if "." in key:
+            if top != "trl":
+                raise ConfigError(f"{source} {item!r}: only trl.NAME keys are nested")
+            data["trl"] = {**data["trl"], key.split(".", 1)[1]: value}
+            continue
+        try:
+            data[key] = _coerce(value, types[key], key, from_cli=True)
+        except TypeError as exc:
+            raise ConfigError(f"{source} {item!r}: key {key!r} has a wrong type: {exc}") from None
+    return TrainConfig(**data)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML config, apply ``--set`` overrides and :func:`validate` it (nothing is loaded)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+    cfg = apply_overrides(config_from_dict(data, source=str(p)), overrides)
+    validate(cfg, source=str(p))
+    return cfg
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(asdict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def config_template() -> str:
+    """A YAML config with every key at its default and its documentation as a comment."""
+    lines = ["# cmerl train config: every key with its default. `cmerl train --config FILE --set key=value`."]
+    for name, type_name, default, help_text in config_reference():
+        lines.append(f"# {help_text} [{type_name}]")
+        lines.append(yaml.safe_dump({name: default}, sort_keys=False, default_flow_style=True).strip()
+                     .removeprefix("{").removesuffix("}"))
+    return "\n".join(lines) + "\n"
+
+
+def is_remote(spec: str) -> bool:
+    return spec.startswith(("http://", "https://"))
+
+
+REMOTE_OPTIONS = ("tokenizer", "protocol", "model")
+
+
+def parse_remote_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``http://host:8000#tokenizer=NAME&protocol=openai&model=M`` -> (url, options).
+
+    ``tokenizer`` (a model name) makes pairs render and tokenize locally (needed for a plain ``vllm serve``);
+    without it a cmerl server renders text pairs itself. ``protocol``: auto, openai or cmerl.
+    """
+    url, _, fragment = spec.partition("#")
+    options: dict[str, str] = {}
+    for part in filter(None, fragment.split("&")):
+        key, eq, value = part.partition("=")
+        if not eq or key not in REMOTE_OPTIONS:
+            raise ConfigError(f"verifier {spec!r}: bad option {part!r}; use #key=value with keys "
+                              f"{', '.join(REMOTE_OPTIONS)} joined by &")
+        options[key] = value
+    return url, options
+
+
+def validate(cfg: TrainConfig, *, source: str = "<config>") -> None:
+    """Checks that need no model: rewards, weights, independence, data file, LoRA, TRL passthrough, and the
+    GRPOConfig itself (TRL's own divisibility checks). Raises :class:`ConfigError` / FileNotFoundError."""
+    from cmerl.data import PromptDataError, check_source
+    from cmerl.models import model_identity
+
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{source}: key {key!r}: {why}")
+
+    if not cfg.rewards:
+        raise bad("rewards", "at least one reward is needed")
+    for r in cfg.rewards:
+        if r not in REWARD_NAMES:
+            raise bad("rewards", f"unknown reward {r!r}; use any of {', '.join(REWARD_NAMES)}")
+    if len(set(cfg.rewards)) != len(cfg.rewards):
+        raise bad("rewards", f"a reward is listed twice ({cfg.rewards})")
+    if cfg.reward_weights is not None and len(cfg.reward_weights) != len(cfg.rewards):
+        raise bad("reward_weights", f"{len(cfg.reward_weights)} weights for {len(cfg.rewards)} rewards {cfg.rewards}")
+    if "cme" in cfg.rewards:
+        if not cfg.verifiers:
+            raise bad("verifiers", "the cme reward needs at least one verifier")
+        for v in cfg.verifiers:
+            if is_remote(v):
+                try:
+                    parse_remote_spec(v)
+                except ConfigError as exc:
+                    raise bad("verifiers", str(exc)) from None
+        if not cfg.allow_self_verification:
+            policy_id = model_identity(cfg.policy)
+            for v in cfg.verifiers:
+                if not is_remote(v) and model_identity(v) == policy_id:
+                    raise bad("verifiers", f"verifier {v!r} is the policy model {cfg.policy!r}; CME needs an "
+                              "independent verifier (set allow_self_verification: true for the ablation)")
+    for key in ("policy_dtype", "verifier_dtype"):
+        from cmerl.models import parse_dtype
+
+        try:
+            parse_dtype(getattr(cfg, key))
+        except ValueError as exc:
+            raise bad(key, str(exc)) from None
+    for key in ("num_generations", "max_completion_length", "max_steps", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "logging_steps", "save_steps", "max_prompt_length",
+                "verifier_batch_tokens", "repetition_ngram", "lora_r"):
+        if getattr(cfg, key) < 1:
+            raise bad(key, f"must be >= 1 (got {getattr(cfg, key)})")
+    if cfg.max_prompts is not None and cfg.max_prompts < 1:
+        raise bad("max_prompts", f"must be >= 1 or null (got {cfg.max_prompts})")
+    if cfg.heldout_prompts < 0:
+        raise bad("heldout_prompts", f"must be >= 0 (got {cfg.heldout_prompts})")
+    if not 0.0 <= cfg.repetition_max_share <= 1.0:
+        raise bad("repetition_max_share", f"must be in [0, 1] (got {cfg.repetition_max_share})")
+    try:
+        check_source(cfg.prompts)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{source}: key 'prompts': {exc}") from None
+    except PromptDataError as exc:
+        raise bad("prompts", str(exc)) from None
+    _check_trl_passthrough(cfg, source)
+    try:
+        grpo_args(cfg, for_validation=True)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{source}: TRL rejected the GRPO settings: {exc}") from None
+
+
+def _check_trl_passthrough(cfg: TrainConfig, source: str) -> None:
+    from trl import GRPOConfig
+
+    trl_fields = {f.name for f in fields(GRPOConfig)}
+    ours = {f.name for f in fields(TrainConfig)}
+    for key in cfg.trl:
+        if key in ours:
+            raise ConfigError(f"{source}: key 'trl.{key}': {key!r} is a top-level cmerl key; set it there")
+        if key in _MANAGED_TRL_FIELDS:
+            raise ConfigError(f"{source}: key 'trl.{key}': cmerl sets {key!r} itself")
+        if key not in trl_fields:
+            close = difflib.get_close_matches(key, sorted(trl_fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: key 'trl.{key}': not a trl.GRPOConfig field{hint}")
+
+
+# ------------------------------------------------------------------------------------------- TRL args
+#: TrainConfig fields passed to GRPOConfig under the same name.
+GRPO_FIELDS = ("num_generations", "max_completion_length", "temperature", "top_p", "learning_rate",
+               "lr_scheduler_type", "beta", "loss_type", "scale_rewards", "max_steps",
+               "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "mask_truncated_completions",
+               "bf16", "gradient_checkpointing", "use_vllm", "vllm_mode", "vllm_server_base_url",
+               "vllm_gpu_memory_utilization", "logging_steps", "save_steps", "save_total_limit",
+               "log_completions", "num_completions_to_print", "reward_weights")
+
+
+def default_report_to() -> list[str]:
+    import importlib.util
+
+    return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+
+
+def grpo_args(cfg: TrainConfig, *, for_validation: bool = False):
+    """The ``trl.GRPOConfig`` of a run (cheap: no model is loaded).
+
+    ``for_validation`` checks a GPU config on a machine without one: bf16/fp16 are switched off there so
+    transformers' hardware check does not hide the other errors.
+    """
+    import torch
+    from trl import GRPOConfig
+
+    kwargs = {name: getattr(cfg, name) for name in GRPO_FIELDS}
+    if for_validation and not torch.cuda.is_available():
+        kwargs["bf16"] = False
+    if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        # transformers only joins a multi-process (torchrun / accelerate launch) group on CPU with use_cpu.
+        kwargs["use_cpu"] = True
+    kwargs.update(
+        output_dir=cfg.output_dir,
+        run_name=Path(cfg.output_dir).name,
+        save_strategy="steps",
+        logging_strategy="steps",
+        disable_tqdm=True,  # cmerl's own rich progress bar replaces transformers' tqdm
+        remove_unused_columns=False,
+        report_to=cfg.report_to if cfg.report_to is not None else default_report_to(),
+        log_level="warning",
+        ddp_find_unused_parameters=False,  # every policy parameter that trains is used in each forward
+    )
+    kwargs.update(cfg.trl)
+    if for_validation and not torch.cuda.is_available():
+        kwargs["fp16"] = False
+    return GRPOConfig(**kwargs)

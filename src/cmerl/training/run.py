@@ -1,0 +1,247 @@
+"""Build, (resume,) train and save a run: the ``trl.GRPOConfig`` of a config, the trainer session, the
+``final/`` folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cmerl.training.callbacks import CheckpointFinalizer, MetricsLogger, RichProgress
+from cmerl.training.checkpoints import (
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+    remove_incomplete_checkpoints,
+    truncate_metrics,
+    write_run_card,
+)
+from cmerl.training.config import (
+    CONFIG_NAME,
+    MARKER_NAME,
+    METRICS_NAME,
+    RESUME_OVERRIDABLE,
+    Echo,
+    RunDirExistsError,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_yaml,
+    grpo_args,
+    validate,
+)
+from cmerl.training.reward_setup import GuardedReward, build_rewards
+
+
+# ------------------------------------------------------------------------------------------- the run
+@dataclass
+class TrainingSession:
+    """Everything a built run holds: the TRL trainer and what went into it."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    trainer: Any
+    policy: Any
+    tokenizer: Any
+    prompt_set: Any
+    rewards: list[GuardedReward]
+    resume_from: Path | None = None
+
+    @property
+    def is_main_process(self) -> bool:
+        return bool(self.trainer.is_world_process_zero())
+
+    def verifier(self):
+        """The first cme verifier, or None when the run has no cme reward."""
+        for r in self.rewards:
+            if r.__name__ == "cme":
+                return r.reward.scorers[0]
+        return None
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path | None
+    last_checkpoint: Path | None
+    global_step: int
+    metrics_path: Path
+
+
+def _main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def prepare_run_dir(cfg: TrainConfig, *, resume: bool, echo: Echo | None = None) -> Path | None:
+    """Check the run directory and return the checkpoint to resume from (None = from step 0).
+
+    New run: refuses a directory that already holds checkpoints or metrics (:class:`RunDirExistsError`).
+    Resume: removes checkpoint folders without a marker and trims ``metrics.jsonl`` to the checkpoint's step.
+    Writes ``cmerl_config.yaml``. Only the main process writes; all processes return the same checkpoint.
+    """
+    run_dir = Path(cfg.output_dir)
+    ckpt = None
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+    elif run_dir.is_dir() and (list_checkpoints(run_dir) or (run_dir / METRICS_NAME).exists()):
+        raise RunDirExistsError(
+            f"{run_dir} already holds a run (checkpoints or {METRICS_NAME}); continue it with "
+            f"`cmerl train --resume {run_dir}`, or choose another directory (--set output_dir=...)")
+    _wait_for_everyone()
+    if _main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            for p in remove_incomplete_checkpoints(run_dir):
+                if echo:
+                    echo(f"removed incomplete checkpoint {p} (no {MARKER_NAME} marker)")
+            truncate_metrics(run_dir / METRICS_NAME, checkpoint_step(ckpt) if ckpt else 0)
+        (run_dir / CONFIG_NAME).write_text(config_to_yaml(cfg), encoding="utf-8")
+    _wait_for_everyone()
+    return ckpt
+
+
+def build_session(cfg: TrainConfig, *, resume_from: Path | None = None, progress: bool = False,
+                  echo: Echo | None = None) -> TrainingSession:
+    """Load tokenizer, prompts, policy and verifiers, and build the ``GRPOTrainer`` with cmerl's callbacks."""
+    from accelerate import PartialState
+    from trl import GRPOTrainer
+
+    from cmerl.data import load_prompt_set, to_dataset
+    from cmerl.models import load_model, load_tokenizer
+
+    args = grpo_args(cfg)
+    state = PartialState()
+    rank = f"(rank {state.process_index} of {state.num_processes}) " if state.num_processes > 1 else ""
+
+    def say(text: str, *, every_rank: bool = False) -> None:
+        if echo is not None and (every_rank or state.is_main_process):
+            echo(rank + text if every_rank else text)
+
+    tokenizer = load_tokenizer(cfg.policy)
+    prompt_set = load_prompt_set(cfg.prompts, tokenizer, column=cfg.prompt_column, split=cfg.prompt_split,
+                                 max_prompt_length=cfg.max_prompt_length, max_prompts=cfg.max_prompts,
+                                 heldout=cfg.heldout_prompts, system_prompt=cfg.system_prompt)
+    say(prompt_set.summary())
+    dataset = to_dataset(prompt_set, tokenizer, cfg.system_prompt)
+    say(f"loading policy {cfg.policy} ({cfg.policy_dtype}) ...")
+    policy, _ = load_model(cfg.policy, dtype=cfg.policy_dtype, show_progress=progress)
+    eos_ids = _eos_ids(policy, tokenizer)
+    say("loading reward models: " + ", ".join(
+        (f"cme <- {', '.join(cfg.verifiers)} ({cfg.verifier_dtype})" if r == "cme" else r) for r in cfg.rewards),
+        every_rank=True)
+    rewards = build_rewards(cfg, policy, tokenizer, eos_ids=eos_ids)
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+    run_dir = Path(cfg.output_dir)
+    callbacks = [MetricsLogger(run_dir), CheckpointFinalizer(cfg, run_dir)]
+    if progress:
+        callbacks.append(RichProgress(echo))
+    trainer = GRPOTrainer(model=policy, reward_funcs=rewards, args=args, train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return TrainingSession(cfg=cfg, run_dir=run_dir, trainer=trainer, policy=policy, tokenizer=tokenizer,
+                           prompt_set=prompt_set, rewards=rewards, resume_from=resume_from)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.insert(0, tokenizer.eos_token_id)
+    return ids
+
+
+def save_final(session: TrainingSession) -> Path | None:
+    """Write ``RUN_DIR/final``: the trained weights (LoRA merged into the base) + tokenizer + resolved config +
+    run card, via a temporary folder renamed into place. Main process only; returns the path (None elsewhere)."""
+    trainer = session.trainer
+    if not session.is_main_process:
+        return None
+    run_dir = session.run_dir
+    final = run_dir / "final"
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".final.tmp-"))
+    try:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+            trainer.model = model
+        model.save_pretrained(str(tmp))
+        session.tokenizer.save_pretrained(str(tmp))
+        (tmp / CONFIG_NAME).write_text(config_to_yaml(session.cfg), encoding="utf-8")
+        write_run_card(tmp, session.cfg, trainer.state.log_history, step=trainer.state.global_step)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = False,
+          echo: Echo | None = None) -> TrainResult:
+    """Run (or, with ``resume=True``, continue) the GRPO run described by ``cfg``; see the module docstring.
+
+    ``cfg`` must have passed :func:`validate`. Resuming continues from the last complete checkpoint in
+    ``cfg.output_dir`` with the same data order and RNG state; from step 0 if there is none.
+    """
+    session = start(cfg, resume=resume, progress=progress, echo=echo)
+    return finish(session, echo=echo)
+
+
+def start(cfg: TrainConfig, *, resume: bool = False, progress: bool = False,
+          echo: Echo | None = None) -> TrainingSession:
+    """Prepare the run directory and build the session (no training yet)."""
+    ckpt = prepare_run_dir(cfg, resume=resume, echo=echo)
+    if echo and resume:
+        echo(f"resuming from {ckpt} (step {checkpoint_step(ckpt)})" if ckpt else
+             f"no complete checkpoint in {cfg.output_dir}; starting from step 0")
+    return build_session(cfg, resume_from=ckpt, progress=progress, echo=echo)
+
+
+def finish(session: TrainingSession, *, echo: Echo | None = None) -> TrainResult:
+    """Train to ``max_steps`` (from the session's checkpoint, if any) and write ``final/``."""
+    trainer = session.trainer
+    trainer.train(resume_from_checkpoint=str(session.resume_from) if session.resume_from else None)
+    final = save_final(session)
+    _wait_for_everyone()
+    result = TrainResult(run_dir=session.run_dir, final_dir=final, last_checkpoint=latest_checkpoint(session.run_dir),
+                         global_step=trainer.state.global_step, metrics_path=session.run_dir / METRICS_NAME)
+    if echo and session.is_main_process:
+        echo(f"trained to step {result.global_step}; checkpoint {result.last_checkpoint}; final model {final}")
+    return result
+
+
+def read_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The resolved config saved in a run directory, with ``--resume``-safe overrides applied and validated."""
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a cmerl run directory (no {CONFIG_NAME})")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    cfg = config_from_dict(data, source=str(path))
+    if Path(cfg.output_dir).resolve() != Path(run_dir).resolve():
+        cfg = TrainConfig(**{**asdict(cfg), "output_dir": str(run_dir)})  # the run directory was moved
+    cfg = apply_overrides(cfg, overrides, source="--set", allowed=RESUME_OVERRIDABLE)
+    validate(cfg, source=str(path))
+    return cfg
