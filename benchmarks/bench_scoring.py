@@ -6,8 +6,11 @@ words. Both scorers use the same rendered token ids and the same model object:
 
 * engine: ``Verifier.score_requests`` (length-sorted token-budget batches, output projection on response
   rows only, chunked gather - logsumexp, fp32 head);
-* naive: one sequence at a time, ``torch.log_softmax(model(ids).logits.float(), -1)`` over the full
-  vocabulary, gather the response tokens.
+* naive (``--against naive``, the default): one sequence at a time,
+  ``torch.log_softmax(model(ids).logits.float(), -1)`` over the full vocabulary, gather the response tokens;
+* or the engine with one of its optimisations switched off, to measure that optimisation alone:
+  ``--against no-share-prefix`` (each response re-runs the prompt) or ``--against no-padding-limit``
+  (``max_padding=1.0``: any length may join a batch).
 
 Prints scored response tokens per second for both, the speed ratio and the largest absolute difference of
 the per-pair mean log-probs (and each one's difference from the fp32 naive reference). The scorers
@@ -16,6 +19,7 @@ other processes on a shared machine affects both alike.
 
     python benchmarks/bench_scoring.py                      # smollm2-135m-instruct, bf16 and fp32
     python benchmarks/bench_scoring.py --verifier qwen2.5-coder-0.5b-instruct --dtypes bfloat16
+    python benchmarks/bench_scoring.py --dtypes bfloat16 --against no-share-prefix
 """
 
 from __future__ import annotations
@@ -66,8 +70,21 @@ def naive_scores(model, requests: list[ScoreRequest]) -> list[float]:
     return out
 
 
+#: ``--against`` choices other than ``naive``: the engine option each one switches off.
+ENGINE_VARIANTS = {"no-share-prefix": {"share_prefix": False}, "no-padding-limit": {"max_padding": 1.0}}
+
+
+def baseline_scorer(against: str, v: Verifier):
+    """The scorer the engine is compared with: mean log-prob per request, same model object."""
+    if against == "naive":
+        return lambda group: naive_scores(v.model, group)
+    variant = Verifier(v.model, v.tokenizer, max_batch_tokens=v.max_batch_tokens, **ENGINE_VARIANTS[against])
+    return lambda group: [s.mean_logprob for s in variant.score_requests(group)]
+
+
 def measure(args: argparse.Namespace, dtype: str, prompts: list[str], responses: list[str]) -> tuple:
-    """Time engine and naive scoring of all pairs with one verifier dtype; both see the same token ids.
+    """Time the engine and the ``--against`` baseline on all pairs with one verifier dtype; both see the
+    same token ids.
 
     The two scorers alternate group by group (one prompt's responses at a time, the batch a GRPO reward
     call sees), and each group keeps its best of ``args.repeats`` runs, so load from other processes on a
@@ -78,8 +95,9 @@ def measure(args: argparse.Namespace, dtype: str, prompts: list[str], responses:
     requests = [v.render(p, r) for p, r in zip(prompts, responses)]
     n_resp = sum(r.n_response_tokens for r in requests)
     n_all = sum(len(r.input_ids) for r in requests)
-    v.score_requests(requests[:2])  # warm-up (allocations, fp32 head copy)
-    naive_scores(v.model, requests[:1])
+    baseline = baseline_scorer(args.against, v)
+    v.score_requests(requests[:2])  # warm-up (allocations, fp32 head copy, the prefix-sharing self-check)
+    baseline(requests[:2])
     t_engine = t_naive = 0.0
     engine_means: list[float] = []
     naive: list[float] = []
@@ -91,7 +109,7 @@ def measure(args: argparse.Namespace, dtype: str, prompts: list[str], responses:
             scores = v.score_requests(group)
             best_e = min(best_e, time.perf_counter() - t0)
             t0 = time.perf_counter()
-            naive_group = naive_scores(v.model, group)
+            naive_group = baseline(group)
             best_n = min(best_n, time.perf_counter() - t0)
         t_engine, t_naive = t_engine + best_e, t_naive + best_n
         engine_means += [s.mean_logprob for s in scores]
@@ -110,6 +128,8 @@ def main() -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="engine token budget (default: engine's)")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per group and scorer; the best counts")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--against", default="naive", choices=["naive", *ENGINE_VARIANTS],
+                    help="baseline: the naive reward function, or the engine without one optimisation")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = ap.parse_args()
     if args.threads:
@@ -117,23 +137,24 @@ def main() -> None:
 
     prompts, responses = load_pairs(args.prompts, args.per_prompt, args.max_words, args.seed)
     print(f"verifier {args.verifier}; {len(prompts)} pairs ({args.prompts} prompts x {args.per_prompt} "
-          f"responses, <= {args.max_words} words); torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"responses, <= {args.max_words} words); engine vs {args.against}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows, fp32_naive = [], None
     for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
         row = measure(args, dtype, prompts, responses)
         dtype, n_resp, _, t_engine, t_naive, diff, _, naive = row
-        if dtype in ("float32", "fp32"):
+        if dtype in ("float32", "fp32") and args.against == "naive":
             fp32_naive = naive
         rows.append(row)
-        print(f"  {dtype}: engine {n_resp / t_engine:8.1f} response tok/s ({t_engine:.2f} s)   naive "
+        print(f"  {dtype}: engine {n_resp / t_engine:8.1f} response tok/s ({t_engine:.2f} s)   {args.against} "
               f"{n_resp / t_naive:8.1f} tok/s ({t_naive:.2f} s)   ratio {t_naive / t_engine:.2f}x   "
               f"max |d mean logprob| {diff:.2e}", flush=True)
 
     def vs32(means: list[float]) -> str:
         return f"{max(abs(a - b) for a, b in zip(means, fp32_naive)):.2e}" if fp32_naive else "n/a"
 
-    print("\n| dtype | response tokens (all tokens) | engine tok/s | naive tok/s | speed-up | max abs diff of "
-          "mean log-prob, engine vs naive | engine vs fp32 naive | naive vs fp32 naive |")
+    b = args.against
+    print(f"\n| dtype | response tokens (all tokens) | engine tok/s | {b} tok/s | speed-up | max abs diff of "
+          f"mean log-prob, engine vs {b} | engine vs fp32 naive | {b} vs fp32 naive |")
     print("|---|---|---|---|---|---|---|---|")
     for dtype, n_resp, n_all, t_e, t_n, diff, means, naive in rows:
         print(f"| {dtype} | {n_resp} ({n_all}) | {n_resp / t_e:.1f} | {n_resp / t_n:.1f} | {t_n / t_e:.2f}x | "
