@@ -46,6 +46,17 @@ def test_report_of_a_training_run(tmp_path):
     assert "no `*verdicts*.jsonl`" in text  # says what it did not find
 
 
+@pytest.mark.parametrize("output", ["out/summary.md", "out/reports"])
+def test_report_output_is_a_markdown_file_or_a_folder(tmp_path, output):
+    (tmp_path / "run").mkdir()
+    _write_metrics(tmp_path / "run" / "metrics.jsonl")
+    rep = write_report(tmp_path / "run", output=tmp_path / output)
+    want = tmp_path / output if output.endswith(".md") else tmp_path / output / "report.md"
+    assert rep.path == want and want.is_file()
+    assert (want.parent / "figures" / "training_curves.png").read_bytes()[:8] == PNG
+    assert "](figures/training_curves.png)" in want.read_text()
+
+
 def _verdict_rows():
     # W=3 (one of them inconsistent), T=1, L=1, E=1
     spec = [("a", True, 100, 10), ("a", True, 200, 20), ("a", False, 300, 30), ("tie", False, 50, 50),

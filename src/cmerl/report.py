@@ -164,14 +164,19 @@ def _fmt_pct(x) -> str:
 
 def write_report(directory: str | Path, *, output: str | Path | None = None, metrics: str | Path | None = None,
                  seed: int = 0) -> Report:
-    """Write ``report.md`` (and figures) for a run or results folder; see the module docstring."""
+    """Write ``report.md`` (and figures) for a run or results folder; see the module docstring.
+
+    ``output``: a ``.md`` path, or a folder that gets ``report.md``; figures go to ``figures/`` beside the
+    report. Default: ``directory/report.md``."""
     from cmerl.evaluation import agreement_text, find_metrics, summarize_verdicts
     from cmerl.metrics import length_stats
 
     d = Path(directory).expanduser()
     if not d.is_dir():
         raise FileNotFoundError(f"report folder not found: {d}")
-    out = Path(output) if output else d / "report.md"
+    out = Path(output).expanduser() if output else d / "report.md"
+    if out.suffix.lower() != ".md":
+        out = out / "report.md"
     figdir = out.parent / "figures"
 
     def rel(p: Path) -> str:

@@ -213,7 +213,7 @@ def reward_check(
 @app.command()
 def report(
     directory: Path = typer.Argument(..., help="A training run folder (metrics.jsonl) or a results folder."),
-    output: Path = typer.Option(None, "--output", "-o", help="Report path (default: DIR/report.md)."),
+    output: Path = typer.Option(None, "--output", "-o", help="Report .md path, or a folder for report.md (default: DIR/report.md)."),
     metrics: Path = typer.Option(None, "--metrics", help="A metrics.jsonl elsewhere to plot."),
 ) -> None:
     """Write a markdown report with PNG figures from a run or results folder."""
