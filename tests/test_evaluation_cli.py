@@ -176,3 +176,11 @@ def test_bad_input_is_reported(tmp_path, tiny_dirs):
     assert res.exit_code == 1 and "has no cmerl verdicts header" in res.output
     res = invoke("reward-check", "--verifier", tiny_dirs["judge"], "--data", a)
     assert res.exit_code == 1 and "needs 'prompt', 'chosen' and 'rejected'" in res.output
+    res = invoke("winrate", tmp_path / "missing.jsonl")
+    assert res.exit_code == 1 and "verdicts file not found" in res.output
+    (tmp_path / "not-a-model").mkdir()  # a folder without config.json: an unusable model name
+    res = invoke("reward-check", "--verifier", tmp_path / "not-a-model", "--n", "2")
+    assert res.exit_code == 1 and "holds no config.json" in res.output and "Traceback" not in res.output
+    res = invoke("generate", "--model", tmp_path / "not-a-model", "--prompts", "alpaca_eval:1",
+                 "--output", tmp_path / "o.json")
+    assert res.exit_code == 1 and "holds no model" in res.output

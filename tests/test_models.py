@@ -209,3 +209,39 @@ def test_packaged_alias_loads_from_the_cache_in_seconds():
     assert model.config.model_type == "llama" and next(model.parameters()).dtype == torch.bfloat16
     assert model_identity(model) == "packaged:smollm2-135m-instruct"
     assert tok.chat_template
+
+
+_OFFLINE_HUB_SCRIPT = r"""
+import sys, time
+from cmerl.models import ModelNotAvailableError, hub_reachable, load_model
+assert not hub_reachable()
+model, tok = load_model("cmerl-test/tiny-cached")  # in the local HF cache: loads without the hub
+print("loaded", type(model).__name__, len(tok))
+t0 = time.perf_counter()
+try:
+    load_model("cmerl-test/not-cached")
+except ModelNotAvailableError as exc:
+    print("refused", f"{time.perf_counter() - t0:.1f}", exc)
+"""
+
+
+def test_hub_ids_load_from_the_local_hf_cache_when_the_hub_is_unreachable(tmp_path, tiny_folder):
+    """No network: a hub id in the HF cache loads from it; one that is not fails at once with a clear
+    error (instead of a minute of connection retries)."""
+    folder, _ = tiny_folder
+    snapshot = tmp_path / "hf" / "hub" / "models--cmerl-test--tiny-cached" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for f in folder.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9", OMP_NUM_THREADS="1")
+    env.pop("HF_HUB_OFFLINE", None)
+    out = subprocess.run([sys.executable, "-c", _OFFLINE_HUB_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "loaded LlamaForCausalLM" in out.stdout
+    refused = next(line for line in out.stdout.splitlines() if line.startswith("refused"))
+    assert "hub is unreachable" in refused and "'cmerl-test/not-cached' is not in the local HF cache" in refused
+    assert "Retrying" not in out.stderr  # huggingface_hub's connection retries (about a minute) were skipped

@@ -566,6 +566,8 @@ def verdicts_header(judge: Judge, rule: DecisionRule, prompt: JudgePrompt, *, a:
 
 def read_verdicts(path: str | Path) -> tuple[dict | None, list[dict]]:
     """``(header, rows)`` of a verdicts file (complete lines only); raises when it is not one."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"verdicts file not found: {path}")
     header, rows = None, []
     for i, obj in enumerate(iter_jsonl(path)):
         if i == 0 and obj.get("kind") == VERDICTS_KIND:

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -342,17 +344,50 @@ def _quiet_loading():
             hf_logging.enable_progress_bar()
 
 
+@functools.cache
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout_s`` (checked once per process).
+
+    False when ``HF_HUB_OFFLINE`` is set; True when an HTTP(S) proxy is configured, since a direct
+    connection says nothing about the proxy. Hub ids then load from the local HF cache only, which fails
+    at once instead of after huggingface_hub's connection retries (about a minute).
+    """
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def _from_pretrained(auto_cls, name: str, location: str, **kwargs):
-    """``auto_cls.from_pretrained`` with an error that lists the accepted names when a hub id fails."""
+    """``auto_cls.from_pretrained`` with an error that lists the accepted names when a hub id fails; a hub
+    id loads from the local HF cache only when the hub is unreachable (:func:`hub_reachable`)."""
+    offline = resolve(name).kind == "hub" and not hub_reachable()
+    if offline:
+        kwargs["local_files_only"] = True
+        if auto_cls.__name__.startswith("AutoModel"):  # its PEFT adapter lookup takes its own kwargs
+            kwargs["adapter_kwargs"] = {"local_files_only": True}
     try:
         with _quiet_loading():
             return auto_cls.from_pretrained(location, **kwargs)
     except OSError as exc:
         if resolve(name).kind != "hub":
             raise
+        why = (f"the Hugging Face hub is unreachable from here and {name!r} is not in the local HF cache"
+               if offline else f"the Hugging Face hub failed: {exc}")
         raise ModelNotAvailableError(
             f"could not load model {name!r}: it is not a packaged alias ({', '.join(PACKAGED_MODELS)}), "
-            f"a local HF folder or a .gguf file, and the Hugging Face hub failed: {exc}"
+            f"a local HF folder or a .gguf file, and {why}"
         ) from exc
 
 

@@ -43,6 +43,14 @@ def _judge_spec(judge, judge_url, judge_api, api_key_env, logprobs, template_fro
                      prompt_path=str(prompt_file) if prompt_file else None, concurrency=concurrency)
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors caused by the user's input or setup: reported as one ``error:`` line, exit code 1."""
+    from cmerl.judging import JudgeConnectionError
+    from cmerl.models import ModelNotAvailableError
+
+    return (ValueError, FileNotFoundError, ModelNotAvailableError, JudgeConnectionError)
+
+
 def _console():
     from rich.console import Console
 
@@ -83,7 +91,7 @@ def generate(
         config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                   batch_size=batch_size, dtype=dtype, system_prompt=system_prompt)
         rows = ensure_outputs(model, items, output, config, generator=generator, progress=True)
-    except (ValueError, FileNotFoundError) as exc:
+    except _user_errors() as exc:
         _fail(str(exc))
     cut = sum(1 for r in rows if r.get("finish_reason") == "length")
     _console().print(f"{len(rows)} outputs in {output} ({cut} stopped at max_new_tokens={max_new_tokens})")
@@ -102,7 +110,7 @@ def judge(
 ) -> None:
     """Judge A against B on the instructions they share, each pair in both orders; prints the win rate."""
     from cmerl.evaluation import summarize_verdicts
-    from cmerl.judging import DecisionRule, JudgeConnectionError, load_pairs, run_judge, verdicts_header
+    from cmerl.judging import DecisionRule, load_pairs, run_judge, verdicts_header
 
     console = _console()
     try:
@@ -117,7 +125,7 @@ def judge(
                                  b={"path": str(b), "generator": pairs[0].generator_b})
         run_judge(j, pairs, output, rule=rule, header=header, progress=True, stop_after=limit)
         summary = summarize_verdicts(output)
-    except (ValueError, FileNotFoundError, JudgeConnectionError) as exc:
+    except _user_errors() as exc:
         _fail(str(exc))
     print(summary.text())
 
@@ -135,7 +143,7 @@ def winrate(
 
     try:
         summary = summarize_verdicts(verdicts, n_boot=n_boot, seed=seed)
-    except (ValueError, FileNotFoundError) as exc:
+    except _user_errors() as exc:
         _fail(str(exc))
     if json_out:
         write_json_atomic(json_out, summary.to_dict())
@@ -157,7 +165,7 @@ def judge_check(
     """Agreement of a judge with GPT-4 Turbo's AlpacaEval verdicts (gpt4_1106_preview vs gemma-2b-it)."""
     from cmerl.evaluation import judge_check as run_check
     from cmerl.io import write_json_atomic
-    from cmerl.judging import DecisionRule, JudgeConnectionError
+    from cmerl.judging import DecisionRule
 
     out = output_dir or Path("judge_check") / _slug(judge)
     try:
@@ -165,7 +173,7 @@ def judge_check(
                            max_response_chars, prompt_file, concurrency)
         rule = DecisionRule(threshold, require_consistent)
         result = run_check(spec.build(), output=out / "verdicts.jsonl", n=n, data=data, rule=rule, progress=True)
-    except (ValueError, FileNotFoundError, JudgeConnectionError) as exc:
+    except _user_errors() as exc:
         _fail(str(exc))
     write_json_atomic(out / "judge_check.json", result.to_dict())
     print(result.summary())
@@ -200,7 +208,7 @@ def reward_check(
         v = Verifier.from_pretrained(verifier, dtype=dtype, max_batch_tokens=batch_tokens)
         result = run_check(v, pairs, signals=names, seed=seed, progress=True,
                            data=str(data) if data else "cmerl/data/ultrafeedback_1000.jsonl")
-    except (ValueError, FileNotFoundError) as exc:
+    except _user_errors() as exc:
         _fail(str(exc))
     if output:
         write_json_atomic(output, result.to_dict())
@@ -221,7 +229,7 @@ def report(
 
     try:
         rep = write_report(directory, output=output, metrics=metrics)
-    except (ValueError, FileNotFoundError) as exc:
+    except _user_errors() as exc:
         _fail(str(exc))
     print(f"wrote {rep.path} ({len(rep.figures)} figures from {len(rep.inputs)} inputs)")
 
@@ -246,7 +254,7 @@ def eval_cmd(
     """Trained vs base in one command: generate both, judge both orders, win rate with CI, report."""
     from cmerl.evaluation import EvalPlan, run_eval
     from cmerl.generation import GenerationConfig
-    from cmerl.judging import DecisionRule, JudgeConnectionError
+    from cmerl.judging import DecisionRule
 
     console = _console()
     try:
@@ -258,7 +266,7 @@ def eval_cmd(
                                                     system_prompt=system_prompt),
                         rule=DecisionRule(threshold, require_consistent))
         summary = run_eval(plan, log=lambda m: console.print(m))
-    except (ValueError, FileNotFoundError, JudgeConnectionError) as exc:
+    except _user_errors() as exc:
         _fail(str(exc))
     print(summary.text())
     print(f"report: {output_dir / 'report.md'}; summary: {output_dir / 'winrate.json'}")
