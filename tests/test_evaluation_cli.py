@@ -148,6 +148,36 @@ def test_reward_check_by_hand(tmp_path, tiny_dirs):
     assert "length only (longer wins) | 62.5%" in res.output
 
 
+def test_off_topic_reward_check(tmp_path, tiny_dirs):
+    """--rejected off-topic: each prompt's chosen answer against another prompt's chosen answer."""
+    from cmerl.evaluation import PreferencePair, RewardCheckResult, off_topic_pairs
+
+    pairs = [PreferencePair(f"q{i}", f"answer {i}", f"bad {i}") for i in range(7)]
+    swapped = off_topic_pairs(pairs, seed=3)
+    assert [p.prompt for p in swapped] == [p.prompt for p in pairs]
+    assert [p.chosen for p in swapped] == [p.chosen for p in pairs]
+    others = [int(p.rejected.split()[1]) for p in swapped]
+    assert sorted(others) == list(range(7)) and all(o != i for i, o in enumerate(others))  # a derangement
+    assert off_topic_pairs(pairs, seed=3) == swapped and off_topic_pairs(pairs, seed=4) != swapped
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        off_topic_pairs(pairs[:1])
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+                            for p in pairs))
+    res = invoke("reward-check", "--verifier", tiny_dirs["judge"], "--data", data, "--rejected", "off-topic",
+                 "--dtype", "float32", "--output", tmp_path / "rc.json")
+    assert res.exit_code == 0, res.output
+    assert "each answer against another prompt's" in res.output and "prefers chosen over an off-topic" in res.output
+    result = RewardCheckResult.from_dict(json.loads((tmp_path / "rc.json").read_text()))
+    assert result.rejected == "off-topic" and result.n == 7
+    # all answers have the same shape, so the length baseline ties everywhere
+    assert result.length_baseline.value == pytest.approx(0.5)
+    assert RewardCheckResult.from_dict(result.to_dict()) == result
+    res = invoke("reward-check", "--verifier", tiny_dirs["judge"], "--data", data, "--rejected", "nonsense")
+    assert res.exit_code == 1 and "--rejected must be one of data, off-topic" in res.output
+
+
 def test_judge_cli_against_http_endpoint(tmp_path):
     server = JudgeServer()
     try:

@@ -14,6 +14,7 @@ win-rate report can state the judge's agreement.
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,17 @@ from cmerl.judging import (
     run_judge,
     verdicts_header,
 )
-from cmerl.metrics import Rate, WinRate, pearson, preference_scores, rate, spearman, win_rate
+from cmerl.metrics import (
+    Rate,
+    WinRate,
+    format_pct,
+    format_signed,
+    pearson,
+    preference_scores,
+    rate,
+    spearman,
+    win_rate,
+)
 
 JUDGE_CHECK_FILE = "judge_check_alpaca_eval_80.jsonl"
 PREFERENCE_FILE = "ultrafeedback_1000.jsonl"
@@ -146,9 +157,9 @@ class JudgeCheckResult:
 
     def summary(self) -> str:
         a = self.agreement
-        return (f"judge {self.judge}: agreement with GPT-4 Turbo {_pct(a.value)} (95% CI {_pct(a.ci_low)}-"
-                f"{_pct(a.ci_high)}, n={self.n}, {self.ties} ties, {self.errors} errors); position consistency "
-                f"{_pct(self.consistency.value)}; length-only baseline {_pct(self.length_baseline.value)}")
+        return (f"judge {self.judge}: agreement with GPT-4 Turbo {format_pct(a.value)} (95% CI {format_pct(a.ci_low)}-"
+                f"{format_pct(a.ci_high)}, n={self.n}, {self.ties} ties, {self.errors} errors); position consistency "
+                f"{format_pct(self.consistency.value)}; length-only baseline {format_pct(self.length_baseline.value)}")
 
 
 def judge_check(judge: Judge, *, output: str | Path, n: int = 40, data: str | Path | None = None,
@@ -257,6 +268,21 @@ def load_preference_pairs(path: str | Path | None = None, n: int | None = None) 
     return out
 
 
+#: What ``rejected`` means in a reward check: the data's own rejected answers, or another prompt's answer.
+REJECTED_MODES = ("data", "off-topic")
+
+
+def off_topic_pairs(pairs: Sequence[PreferencePair], *, seed: int = 0) -> list[PreferencePair]:
+    """Each prompt's ``chosen`` answer against the ``chosen`` answer of a different prompt (a random
+    derangement, fixed by ``seed``): does the reward depend on the prompt at all? Needs two pairs or more."""
+    if len(pairs) < 2:
+        raise ValueError(f"an off-topic check needs at least 2 pairs (got {len(pairs)})")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    other = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}  # a cycle: never itself
+    return [PreferencePair(p.prompt, p.chosen, pairs[other[i]].chosen) for i, p in enumerate(pairs)]
+
+
 @dataclass
 class SignalCheck:
     """One signal: how often it prefers chosen, and its correlation with response length (tokens)."""
@@ -277,33 +303,52 @@ class RewardCheckResult:
     truncated: int
     seconds: float
     data: str
+    rejected: str = "data"  # one of REJECTED_MODES
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> RewardCheckResult:
+        """Inverse of :meth:`to_dict` (a ``reward_check.json``). Only ``verifier``, ``n``, ``signals`` and
+        ``length_baseline`` are required; raises KeyError/TypeError on another kind of file."""
+        signals = {k: SignalCheck(Rate(**s["accuracy"]), s.get("pearson_length"), s.get("spearman_length"))
+                   for k, s in d["signals"].items()}
+        defaults = {"mean_tokens_chosen": float("nan"), "mean_tokens_rejected": float("nan"), "truncated": 0,
+                    "seconds": float("nan"), "data": ""}
+        return cls(**{**defaults, **d, "signals": signals, "length_baseline": Rate(**d["length_baseline"])})
+
     def table(self) -> str:
         """A markdown table of the result."""
-        lines = ["| signal | prefers chosen | 95% CI | Pearson r with length | Spearman ρ with length |",
-                 "|---|---|---|---|---|"]
+        against = "an off-topic answer" if self.rejected == "off-topic" else "rejected"
+        header = f"| signal | prefers chosen over {against} | 95% CI | Pearson r with length | Spearman ρ with length |"
+        lines = [header, "|---|---|---|---|---|"]
         for name, s in self.signals.items():
-            lines.append(f"| {name} | {_pct(s.accuracy.value)} | {_pct(s.accuracy.ci_low)}-{_pct(s.accuracy.ci_high)}"
-                         f" | {_num(s.pearson_length)} | {_num(s.spearman_length)} |")
+            lines.append(f"| {name} | {format_pct(s.accuracy.value)} | {format_pct(s.accuracy.ci_low)}-{format_pct(s.accuracy.ci_high)}"
+                         f" | {format_signed(s.pearson_length)} | {format_signed(s.spearman_length)} |")
         b = self.length_baseline
-        lines.append(f"| length only (longer wins) | {_pct(b.value)} | {_pct(b.ci_low)}-{_pct(b.ci_high)} | 1 | 1 |")
+        lines.append(f"| length only (longer wins) | {format_pct(b.value)} | {format_pct(b.ci_low)}-{format_pct(b.ci_high)} | 1 | 1 |")
         return "\n".join(lines)
 
 
 def reward_check(verifier, pairs: Sequence[PreferencePair], *, signals: Sequence[str] = ("mean_logprob",
                  "sum_logprob", "neg_entropy"), seed: int = 0, progress: bool = False,
-                 data: str = "") -> RewardCheckResult:
+                 data: str = "", rejected: str = "data") -> RewardCheckResult:
     """Score chosen and rejected responses with a verifier (a :class:`~cmerl.scoring.Verifier` or anything
-    with its ``score``) and summarise each signal; the length baseline prefers the longer text (chars)."""
+    with its ``score``) and summarise each signal; the length baseline prefers the longer text (chars).
+
+    ``rejected="off-topic"`` replaces each rejected answer by another prompt's chosen answer
+    (:func:`off_topic_pairs`): a verifier that conditions on the prompt prefers the on-topic answer."""
+    if rejected not in REJECTED_MODES:
+        raise ValueError(f"rejected must be one of {', '.join(REJECTED_MODES)} (got {rejected!r})")
+    if rejected == "off-topic":
+        pairs = off_topic_pairs(pairs, seed=seed)
     t0 = time.perf_counter()
     prompts = [p.prompt for p in pairs]
     scores = verifier.score(prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs],
                             entropy="neg_entropy" in signals, progress=progress)
     n = len(pairs)
-    chosen, rejected = scores[:n], scores[n:]
+    chosen_scores, rejected_scores = scores[:n], scores[n:]
     lengths = [s.n_tokens for s in scores]
     out = {}
     for name in signals:
@@ -313,8 +358,9 @@ def reward_check(verifier, pairs: Sequence[PreferencePair], *, signals: Sequence
     length = rate(preference_scores([len(p.chosen) for p in pairs], [len(p.rejected) for p in pairs]), seed=seed)
     return RewardCheckResult(
         verifier=str(getattr(verifier, "name", verifier)), n=n, signals=out, length_baseline=length,
-        mean_tokens_chosen=sum(s.n_tokens for s in chosen) / n, mean_tokens_rejected=sum(s.n_tokens for s in rejected) / n,
-        truncated=sum(s.truncated for s in scores), seconds=time.perf_counter() - t0, data=data)
+        mean_tokens_chosen=sum(s.n_tokens for s in chosen_scores) / n,
+        mean_tokens_rejected=sum(s.n_tokens for s in rejected_scores) / n,
+        truncated=sum(s.truncated for s in scores), seconds=time.perf_counter() - t0, data=data, rejected=rejected)
 
 
 # --------------------------------------------------------------------------- one-command evaluation
@@ -449,10 +495,10 @@ class WinRateSummary:
         lines = [f"A = {name_a}   vs   B = {name_b}   ({self.verdicts})",
                  f"judged pairs n={w.n}: wins {w.wins} / ties {w.ties} / losses {w.losses}; errors excluded: {w.errors}"]
         if w.n:
-            lines.append(f"win rate of A (ties count half): {_pct(w.win_rate)}  "
-                         f"[{int(w.level * 100)}% bootstrap CI {_pct(w.ci_low)}-{_pct(w.ci_high)}]")
-            lines.append(f"win rate without ties: {_pct(w.win_rate_no_ties)}; "
-                         f"position consistency of the judge: {_pct(w.consistency)}")
+            lines.append(f"win rate of A (ties count half): {format_pct(w.win_rate)}  "
+                         f"[{int(w.level * 100)}% bootstrap CI {format_pct(w.ci_low)}-{format_pct(w.ci_high)}]")
+            lines.append(f"win rate without ties: {format_pct(w.win_rate_no_ties)}; "
+                         f"position consistency of the judge: {format_pct(w.consistency)}")
             lines.append(f"mean length (chars): A {_num0(w.mean_len_a)}, B {_num0(w.mean_len_b)}")
         lines.append(f"judge: {self.judge} ({self.judge_settings.get('kind', '?')}, "
                      f"{self.judge_settings.get('mode', '?')}); {agreement_text(self.agreement, self.judge)}")
@@ -464,9 +510,9 @@ def agreement_text(agreement: dict | None, judge: str) -> str:
     if not agreement:
         return (f"agreement with GPT-4 Turbo not measured for this judge setup (run: cmerl judge-check "
                 f"--judge {judge})")
-    return (f"agreement with GPT-4 Turbo {_pct(agreement.get('agreement'))} (95% CI {_pct(agreement.get('ci_low'))}-"
-            f"{_pct(agreement.get('ci_high'))}, n={agreement.get('n')}, {agreement.get('source', 'judge-check')}, "
-            f"{agreement.get('measured', '')}; length-only baseline {_pct(agreement.get('length_baseline'))})")
+    return (f"agreement with GPT-4 Turbo {format_pct(agreement.get('agreement'))} (95% CI {format_pct(agreement.get('ci_low'))}-"
+            f"{format_pct(agreement.get('ci_high'))}, n={agreement.get('n')}, {agreement.get('source', 'judge-check')}, "
+            f"{agreement.get('measured', '')}; length-only baseline {format_pct(agreement.get('length_baseline'))})")
 
 
 def summarize_verdicts(path: str | Path, *, n_boot: int = 10_000, seed: int = 0) -> WinRateSummary:
@@ -485,9 +531,3 @@ def _num0(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.0f}"
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def _num(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:+.2f}"

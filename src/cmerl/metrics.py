@@ -199,3 +199,13 @@ def length_stats(texts: Sequence[str]) -> dict:
 def _mean(values: Sequence[float | None]) -> float | None:
     vals = [float(v) for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
+
+
+def format_pct(x: float | None) -> str:
+    """A rate in [0, 1] as a percentage with one decimal (``0.4167`` → ``41.7%``); None → ``n/a``."""
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def format_signed(x: float | None) -> str:
+    """A correlation or difference with its sign and two decimals (``0.2`` → ``+0.20``); None → ``n/a``."""
+    return "n/a" if x is None else f"{x:+.2f}"

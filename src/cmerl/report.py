@@ -158,18 +158,14 @@ def _is_outputs_file(path: Path) -> list[dict] | None:
     return None
 
 
-def _fmt_pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
 def write_report(directory: str | Path, *, output: str | Path | None = None, metrics: str | Path | None = None,
                  seed: int = 0) -> Report:
     """Write ``report.md`` (and figures) for a run or results folder; see the module docstring.
 
     ``output``: a ``.md`` path, or a folder that gets ``report.md``; figures go to ``figures/`` beside the
     report. Default: ``directory/report.md``."""
-    from cmerl.evaluation import agreement_text, find_metrics, summarize_verdicts
-    from cmerl.metrics import length_stats
+    from cmerl.evaluation import RewardCheckResult, agreement_text, find_metrics, summarize_verdicts
+    from cmerl.metrics import format_pct, length_stats
 
     d = Path(directory).expanduser()
     if not d.is_dir():
@@ -212,9 +208,9 @@ def write_report(directory: str | Path, *, output: str | Path | None = None, met
                   ("| pairs judged | wins | ties | losses | errors (excluded) | win rate, ties half | 95% CI | "
                    "win rate w/o ties | position consistency | mean chars A | mean chars B |"),
                   "|---|---|---|---|---|---|---|---|---|---|---|",
-                  (f"| {w.n} | {w.wins} | {w.ties} | {w.losses} | {w.errors} | {_fmt_pct(w.win_rate)} | "
-                   f"{_fmt_pct(w.ci_low)}-{_fmt_pct(w.ci_high)} | {_fmt_pct(w.win_rate_no_ties)} | "
-                   f"{_fmt_pct(w.consistency)} | {w.mean_len_a or 0:.0f} | {w.mean_len_b or 0:.0f} |"), ""]
+                  (f"| {w.n} | {w.wins} | {w.ties} | {w.losses} | {w.errors} | {format_pct(w.win_rate)} | "
+                   f"{format_pct(w.ci_low)}-{format_pct(w.ci_high)} | {format_pct(w.win_rate_no_ties)} | "
+                   f"{format_pct(w.consistency)} | {w.mean_len_a or 0:.0f} | {w.mean_len_b or 0:.0f} |"), ""]
         if w.n:
             f1 = winrate_figure(summary, rows, figdir / f"{stem}_winrate.png", seed=seed)
             judged = [r for r in rows if r["verdict"] != "error" and r.get("len_a") is not None]
@@ -237,8 +233,8 @@ def write_report(directory: str | Path, *, output: str | Path | None = None, met
             st = length_stats([str(r.get("output", "")) for r in rows])
             cut = sum(1 for r in rows if r.get("finish_reason") == "length") / len(rows)
             lines.append(f"| `{p.name}` | {rows[0].get('generator', '?')} | {st['n']} | {st['mean_chars']:.0f} | "
-                         f"{st['median_chars']:.0f} | {st['mean_words']:.0f} | {_fmt_pct(st['empty_frac'])} | "
-                         f"{_fmt_pct(cut)} | {_fmt_pct(st['repetition_4gram'])} |")
+                         f"{st['median_chars']:.0f} | {st['mean_words']:.0f} | {format_pct(st['empty_frac'])} | "
+                         f"{format_pct(cut)} | {format_pct(st['repetition_4gram'])} |")
         gen = outputs[0][1][0].get("generation")
         if gen:
             lines += ["", f"Generation settings: `{json.dumps(gen, sort_keys=True)}`"]
@@ -255,25 +251,15 @@ def write_report(directory: str | Path, *, output: str | Path | None = None, met
         lines += [f"## Judge check: {res['judge']} (`{p.relative_to(d)}`)", "",
                   ("| pairs | agreement with GPT-4 Turbo | 95% CI | ties | errors | position consistency | "
                    "length-only baseline |"), "|---|---|---|---|---|---|---|",
-                  (f"| {res['n']} | {_fmt_pct(ag['value'])} | {_fmt_pct(ag['ci_low'])}-{_fmt_pct(ag['ci_high'])} | "
-                   f"{res['ties']} | {res['errors']} | {_fmt_pct(cons['value'])} | {_fmt_pct(lb['value'])} |"), ""]
+                  (f"| {res['n']} | {format_pct(ag['value'])} | {format_pct(ag['ci_low'])}-{format_pct(ag['ci_high'])} | "
+                   f"{res['ties']} | {res['errors']} | {format_pct(cons['value'])} | {format_pct(lb['value'])} |"), ""]
     for p in sorted(d.glob("**/reward_check*.json")):
         try:
-            res = json.loads(p.read_text())
-            sig = res["signals"]
-        except (ValueError, KeyError):
+            res = RewardCheckResult.from_dict(json.loads(p.read_text()))
+        except (ValueError, KeyError, TypeError):
             continue
         rep.inputs.append(p)
-        lines += [f"## Reward check: {res['verifier']} (`{p.relative_to(d)}`, {res['n']} pairs)", "",
-                  "| signal | prefers chosen | 95% CI | Pearson r with length | Spearman ρ with length |",
-                  "|---|---|---|---|---|"]
-        for name, s in sig.items():
-            acc = s["accuracy"]
-            lines.append(f"| {name} | {_fmt_pct(acc['value'])} | {_fmt_pct(acc['ci_low'])}-{_fmt_pct(acc['ci_high'])} "
-                         f"| {_corr(s['pearson_length'])} | {_corr(s['spearman_length'])} |")
-        lb = res["length_baseline"]
-        lines += [(f"| length only (longer wins) | {_fmt_pct(lb['value'])} | {_fmt_pct(lb['ci_low'])}-"
-                   f"{_fmt_pct(lb['ci_high'])} | | |"), ""]
+        lines += [f"## Reward check: {res.verifier} (`{p.relative_to(d)}`, {res.n} pairs)", "", res.table(), ""]
 
     # --- training curves
     mpath = Path(metrics) if metrics else find_metrics(d)
@@ -305,5 +291,3 @@ def write_report(directory: str | Path, *, output: str | Path | None = None, met
     return rep
 
 
-def _corr(x) -> str:
-    return "n/a" if x is None else f"{x:+.2f}"

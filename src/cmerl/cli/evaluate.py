@@ -187,6 +187,9 @@ def reward_check(
     data: Path = typer.Option(None, "--data", help="JSONL/JSON with prompt, chosen, rejected (default: the bundled "
                               "UltraFeedback pairs)."),
     n: int = typer.Option(200, "--n", help="Pairs to check (first n)."),
+    rejected: str = typer.Option("data", "--rejected", help="What chosen is compared with: 'data' (the pairs' "
+                                 "rejected answers) or 'off-topic' (another prompt's chosen answer: does the "
+                                 "reward depend on the prompt?)."),
     signals: str = typer.Option("mean_logprob,sum_logprob,neg_entropy", help="Comma-separated signals."),
     dtype: str = typer.Option("bfloat16", help="Verifier weights dtype."),
     batch_tokens: int = typer.Option(4096, help="Token budget of one scoring batch."),
@@ -194,7 +197,7 @@ def reward_check(
     seed: int = typer.Option(0, help="Bootstrap seed."),
 ) -> None:
     """How often each verifier signal prefers the chosen response, vs a length-only baseline."""
-    from cmerl.evaluation import load_preference_pairs
+    from cmerl.evaluation import REJECTED_MODES, load_preference_pairs
     from cmerl.evaluation import reward_check as run_check
     from cmerl.io import write_json_atomic
     from cmerl.scoring import SIGNALS, Verifier
@@ -203,16 +206,19 @@ def reward_check(
     bad = [s for s in names if s not in SIGNALS]
     if bad or not names:
         _fail(f"unknown signal(s) {bad}; use some of {', '.join(SIGNALS)}")
+    if rejected not in REJECTED_MODES:
+        _fail(f"--rejected must be one of {', '.join(REJECTED_MODES)} (got {rejected!r})")
     try:
         pairs = load_preference_pairs(data, n)
         v = Verifier.from_pretrained(verifier, dtype=dtype, max_batch_tokens=batch_tokens)
-        result = run_check(v, pairs, signals=names, seed=seed, progress=True,
+        result = run_check(v, pairs, signals=names, seed=seed, progress=True, rejected=rejected,
                            data=str(data) if data else "cmerl/data/ultrafeedback_1000.jsonl")
     except _user_errors() as exc:
         _fail(str(exc))
     if output:
         write_json_atomic(output, result.to_dict())
-    print(f"verifier {verifier} on {result.n} preference pairs ({result.data}); {result.seconds:.0f}s")
+    kind = "preference pairs" if rejected == "data" else "prompts, each answer against another prompt's"
+    print(f"verifier {verifier} on {result.n} {kind} ({result.data}); {result.seconds:.0f}s")
     print(result.table())
     print(f"mean tokens: chosen {result.mean_tokens_chosen:.0f}, rejected {result.mean_tokens_rejected:.0f}; "
           f"truncated responses: {result.truncated}")
