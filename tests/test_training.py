@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -106,10 +107,14 @@ def test_guarded_reward_floors_degenerate_completions_and_logs():
 def test_defaults_are_valid_and_map_onto_grpo_config():
     cfg = TrainConfig()
     validate(cfg)
-    args = training.grpo_args(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated GRPOConfig names are passed
+        args = training.grpo_args(cfg)
+        on = training.grpo_args(apply_overrides(cfg, ["gradient_checkpointing=true"]))
     for name in training.GRPO_FIELDS:
         assert getattr(args, name) == getattr(cfg, name), name
     assert args.gradient_checkpointing is False and args.remove_unused_columns is False
+    assert on.gradient_checkpointing is True and getattr(on, "activation_checkpointing", True) is True
 
 
 def test_config_errors_name_key_and_file(tmp_path, models):

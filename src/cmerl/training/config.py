@@ -470,6 +470,9 @@ def grpo_args(cfg: TrainConfig, *, for_validation: bool = False):
     from trl import GRPOConfig
 
     kwargs = {name: getattr(cfg, name) for name in GRPO_FIELDS}
+    if "activation_checkpointing" in {f.name for f in fields(GRPOConfig)}:
+        # transformers >= 5.x renamed it; the old name still works but warns on every run
+        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
     if for_validation and not torch.cuda.is_available():
         kwargs["bf16"] = False
     if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
