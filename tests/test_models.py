@@ -238,8 +238,8 @@ def test_hub_ids_load_from_the_local_hf_cache_when_the_hub_is_unreachable(tmp_pa
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9", OMP_NUM_THREADS="1")
     env.pop("HF_HUB_OFFLINE", None)
-    out = subprocess.run([sys.executable, "-c", _OFFLINE_HUB_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", _OFFLINE_HUB_SCRIPT], env=env, check=False,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "loaded LlamaForCausalLM" in out.stdout
     refused = next(line for line in out.stdout.splitlines() if line.startswith("refused"))
