@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -82,10 +85,30 @@ def test_dataset_folder_goes_through_load_dataset(tmp_path):
         read_prompts(str(folder), column="instruction")
 
 
-def test_unreachable_hub_dataset_is_a_clear_error():
+_READ_HUB_DATASET = """
+from cmerl.data import PromptDataError, read_prompts
+try:
+    read_prompts("nobody-here/no-such-dataset-cmerl")
+except PromptDataError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize("offline_mode", [False, True])
+def test_unreachable_hub_dataset_is_a_clear_error(tmp_path, offline_mode):
+    """No network: a hub dataset id fails at once with a clear error; in datasets' offline mode the
+    lookup is left to datasets (which would use a cached copy) and its error is passed on."""
     assert source_kind("nobody-here/no-such-dataset-cmerl") == "hub"
-    with pytest.raises(PromptDataError, match="no-such-dataset-cmerl"):
-        read_prompts("nobody-here/no-such-dataset-cmerl")
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and "OFFLINE" not in k}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
+    if offline_mode:
+        env["HF_DATASETS_OFFLINE"] = "1"
+    out = subprocess.run([sys.executable, "-c", _READ_HUB_DATASET], env=env, check=False, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "could not load Hugging Face dataset 'nobody-here/no-such-dataset-cmerl'" in out.stdout
+    assert ("the Hugging Face hub is unreachable from here" in out.stdout) is not offline_mode
+    assert "Retrying" not in out.stderr
 
 
 def test_length_filter_drops_at_the_exact_token_boundary(smol_tok):

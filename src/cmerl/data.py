@@ -63,6 +63,21 @@ def check_source(source: str) -> SourceKind:
     return kind
 
 
+def _refuse_when_hub_unreachable(source: str) -> None:
+    """A hub dataset id with no network fails at once (instead of after ``datasets``' connection retries);
+    in datasets' offline mode (``HF_DATASETS_OFFLINE=1``) a copy cached earlier is used, as datasets does."""
+    from datasets import config as datasets_config
+
+    from cmerl.models import hub_reachable
+
+    if Path(source).expanduser().is_dir() or datasets_config.HF_HUB_OFFLINE or hub_reachable():
+        return
+    raise PromptDataError(
+        f"could not load Hugging Face dataset {source!r}: the Hugging Face hub is unreachable from here. Use a "
+        f"bundled name ({', '.join(BUNDLED)}) or a local {'/'.join(FILE_SUFFIXES)} file, or set "
+        "HF_DATASETS_OFFLINE=1 to load a copy cached earlier.")
+
+
 def _validate_prompt(value: Any, where: str) -> Prompt:
     if isinstance(value, str):
         if not value.strip():
@@ -99,6 +114,7 @@ def read_prompts(source: str, *, column: str = "prompt", split: str = "train") -
     """
     kind = check_source(source)
     if kind == "hub":
+        _refuse_when_hub_unreachable(source)
         try:
             from datasets import load_dataset
 
