@@ -40,6 +40,14 @@ class Report:
     figures: list[Path] = field(default_factory=list)
     inputs: list[Path] = field(default_factory=list)
 
+    @property
+    def figure_dir(self) -> Path:
+        return self.path.parent / "figures"
+
+    def link(self, p: Path) -> str:
+        """``p`` relative to the report's folder, as a markdown link target."""
+        return Path(p).resolve().relative_to(self.path.parent.resolve()).as_posix()
+
 
 def _plt():
     import matplotlib
@@ -164,8 +172,7 @@ def write_report(directory: str | Path, *, output: str | Path | None = None, met
 
     ``output``: a ``.md`` path, or a folder that gets ``report.md``; figures go to ``figures/`` beside the
     report. Default: ``directory/report.md``."""
-    from cmerl.evaluation import RewardCheckResult, agreement_text, find_metrics, summarize_verdicts
-    from cmerl.metrics import format_pct, length_stats
+    from cmerl.evaluation import find_metrics
 
     d = Path(directory).expanduser()
     if not d.is_dir():
@@ -173,27 +180,43 @@ def write_report(directory: str | Path, *, output: str | Path | None = None, met
     out = Path(output).expanduser() if output else d / "report.md"
     if out.suffix.lower() != ".md":
         out = out / "report.md"
-    figdir = out.parent / "figures"
-
-    def rel(p: Path) -> str:
-        return Path(p).resolve().relative_to(out.parent.resolve()).as_posix()
-
     rep = Report(out)
     lines = [f"# cmerl report: {d.resolve().name}", ""]
     missing = []
+    verdicts = _verdicts_section(d, rep, seed)
+    if verdicts is None:
+        missing.append("no `*verdicts*.jsonl` (run `cmerl judge` or `cmerl eval`)")
+    lines += (verdicts or []) + _outputs_section(d, rep) + _checks_section(d, rep)
+    mpath = Path(metrics) if metrics else find_metrics(d)
+    if mpath and Path(mpath).is_file():
+        lines += _training_section(Path(mpath), rep)
+    else:
+        missing.append("no `metrics.jsonl` (a training run writes one)")
+    if missing:
+        lines += ["## Not found", ""] + [f"- {m}" for m in missing] + [""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(out)
+    return rep
 
-    # --- evaluation: verdicts
-    verdict_files = sorted(p for p in d.glob("*verdicts*.jsonl"))
-    if verdict_files:
-        lines += ["## Pairwise evaluation", ""]
+
+def _verdicts_section(d: Path, rep: Report, seed: int) -> list[str] | None:
+    """Win rate table and figures of each ``*verdicts*.jsonl`` in ``d``; None when there is none."""
+    from cmerl.evaluation import agreement_text, summarize_verdicts
+    from cmerl.judging import read_verdicts
+    from cmerl.metrics import format_pct
+
+    verdict_files = sorted(d.glob("*verdicts*.jsonl"))
+    if not verdict_files:
+        return None
+    lines = ["## Pairwise evaluation", ""]
     for vf in verdict_files:
         try:
             summary = summarize_verdicts(vf, seed=seed)
         except ValueError as exc:
             lines += [f"- `{vf.name}`: skipped ({exc})", ""]
             continue
-        from cmerl.judging import read_verdicts
-
         _, rows = read_verdicts(vf)
         rep.inputs.append(vf)
         w = summary.winrate
@@ -212,35 +235,46 @@ def write_report(directory: str | Path, *, output: str | Path | None = None, met
                    f"{format_pct(w.ci_low)}-{format_pct(w.ci_high)} | {format_pct(w.win_rate_no_ties)} | "
                    f"{format_pct(w.consistency)} | {w.mean_len_a or 0:.0f} | {w.mean_len_b or 0:.0f} |"), ""]
         if w.n:
-            f1 = winrate_figure(summary, rows, figdir / f"{stem}_winrate.png", seed=seed)
+            f1 = winrate_figure(summary, rows, rep.figure_dir / f"{stem}_winrate.png", seed=seed)
             judged = [r for r in rows if r["verdict"] != "error" and r.get("len_a") is not None]
             f2 = length_figure([r["len_a"] for r in judged], [r["len_b"] for r in judged],
-                               figdir / f"{stem}_lengths.png", a, b)
+                               rep.figure_dir / f"{stem}_lengths.png", a, b)
             rep.figures += [f1, f2]
-            lines += [f"![win / tie / loss]({rel(f1)})", "", f"![response lengths]({rel(f2)})", "",
+            lines += [f"![win / tie / loss]({rep.link(f1)})", "", f"![response lengths]({rep.link(f2)})", "",
                       "LLM judges favour longer responses; compare the lengths before reading the win rate.", ""]
-    if not verdict_files:
-        missing.append("no `*verdicts*.jsonl` (run `cmerl judge` or `cmerl eval`)")
+    return lines
 
-    # --- outputs files
+
+def _outputs_section(d: Path, rep: Report) -> list[str]:
+    """Length and repetition statistics of each AlpacaEval-format outputs file in ``d``."""
+    from cmerl.metrics import format_pct, length_stats
+
     outputs = [(p, rows) for p in sorted(d.glob("*.json")) if (rows := _is_outputs_file(p))]
-    if outputs:
-        lines += ["## Generated outputs", "",
-                  ("| file | generator | n | mean chars | median chars | mean words | empty | stopped at max length | "
-                   "4-gram repetition |"), "|---|---|---|---|---|---|---|---|---|"]
-        for p, rows in outputs:
-            rep.inputs.append(p)
-            st = length_stats([str(r.get("output", "")) for r in rows])
-            cut = sum(1 for r in rows if r.get("finish_reason") == "length") / len(rows)
-            lines.append(f"| `{p.name}` | {rows[0].get('generator', '?')} | {st['n']} | {st['mean_chars']:.0f} | "
-                         f"{st['median_chars']:.0f} | {st['mean_words']:.0f} | {format_pct(st['empty_frac'])} | "
-                         f"{format_pct(cut)} | {format_pct(st['repetition_4gram'])} |")
-        gen = outputs[0][1][0].get("generation")
-        if gen:
-            lines += ["", f"Generation settings: `{json.dumps(gen, sort_keys=True)}`"]
-        lines.append("")
+    if not outputs:
+        return []
+    lines = ["## Generated outputs", "",
+             ("| file | generator | n | mean chars | median chars | mean words | empty | stopped at max length | "
+              "4-gram repetition |"), "|---|---|---|---|---|---|---|---|---|"]
+    for p, rows in outputs:
+        rep.inputs.append(p)
+        st = length_stats([str(r.get("output", "")) for r in rows])
+        cut = sum(1 for r in rows if r.get("finish_reason") == "length") / len(rows)
+        lines.append(f"| `{p.name}` | {rows[0].get('generator', '?')} | {st['n']} | {st['mean_chars']:.0f} | "
+                     f"{st['median_chars']:.0f} | {st['mean_words']:.0f} | {format_pct(st['empty_frac'])} | "
+                     f"{format_pct(cut)} | {format_pct(st['repetition_4gram'])} |")
+    gen = outputs[0][1][0].get("generation")
+    if gen:
+        lines += ["", f"Generation settings: `{json.dumps(gen, sort_keys=True)}`"]
+    return lines + [""]
 
-    # --- judge-check and reward-check results
+
+def _checks_section(d: Path, rep: Report) -> list[str]:
+    """Tables of the ``judge_check*.json`` and ``reward_check*.json`` results under ``d``; other JSON
+    files with those names are skipped."""
+    from cmerl.evaluation import RewardCheckResult
+    from cmerl.metrics import format_pct
+
+    lines = []
     for p in sorted(d.glob("**/judge_check*.json")):
         try:
             res = json.loads(p.read_text())
@@ -260,34 +294,21 @@ def write_report(directory: str | Path, *, output: str | Path | None = None, met
             continue
         rep.inputs.append(p)
         lines += [f"## Reward check: {res.verifier} (`{p.relative_to(d)}`, {res.n} pairs)", "", res.table(), ""]
-
-    # --- training curves
-    mpath = Path(metrics) if metrics else find_metrics(d)
-    if mpath and Path(mpath).is_file():
-        rows = read_training_metrics(mpath)
-        fig, keys = training_curves(rows, figdir / "training_curves.png")
-        rep.inputs.append(Path(mpath))
-        lines += ["## Training", "", f"{len(rows)} logged steps from `{mpath}`.", ""]
-        if fig:
-            rep.figures.append(fig)
-            lines += [f"![training curves]({rel(fig)})", ""]
-            last = rows[-1]
-            lines += ["| metric | first | last |", "|---|---|---|"]
-            for k in keys:
-                first = next((r[k] for r in rows if k in r), None)
-                final = next((r[k] for r in reversed(rows) if k in r), None)
-                lines.append(f"| {k} | {first:.4g} | {final:.4g} |")
-            lines += ["", f"Last logged step: {last['step']:.0f}.", ""]
-        else:
-            lines += ["No reward or length metrics in it.", ""]
-    else:
-        missing.append("no `metrics.jsonl` (a training run writes one)")
-    if missing:
-        lines += ["## Not found", ""] + [f"- {m}" for m in missing] + [""]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(out)
-    return rep
+    return lines
 
 
+def _training_section(mpath: Path, rep: Report) -> list[str]:
+    """Reward and length curves of a training run's ``metrics.jsonl``, with first and last values."""
+    rows = read_training_metrics(mpath)
+    fig, keys = training_curves(rows, rep.figure_dir / "training_curves.png")
+    rep.inputs.append(mpath)
+    lines = ["## Training", "", f"{len(rows)} logged steps from `{mpath}`.", ""]
+    if not fig:
+        return lines + ["No reward or length metrics in it.", ""]
+    rep.figures.append(fig)
+    lines += [f"![training curves]({rep.link(fig)})", "", "| metric | first | last |", "|---|---|---|"]
+    for k in keys:
+        first = next((r[k] for r in rows if k in r), None)
+        final = next((r[k] for r in reversed(rows) if k in r), None)
+        lines.append(f"| {k} | {first:.4g} | {final:.4g} |")
+    return lines + ["", f"Last logged step: {rows[-1]['step']:.0f}.", ""]
