@@ -164,6 +164,41 @@ def test_config_errors_come_before_any_model_loads(tmp_path, models, monkeypatch
     assert calls == []
 
 
+def test_shipped_gpu_config_checks_on_a_cpu_machine():
+    """configs/gpu-qwen2.5-1.5b.yaml validates here (bf16 and vLLM checks are deferred to the GPU) and
+    its header's batch arithmetic is what the config says."""
+    cfg = load_config(REPO / "configs" / "gpu-qwen2.5-1.5b.yaml")
+    plan = training.describe_run(cfg, processes=8)
+    assert "256 completions = 32 prompts x G=8" in plan
+    assert "32 prompts x G=8" in (REPO / "configs" / "gpu-qwen2.5-1.5b.yaml").read_text()
+
+
+def test_check_prints_the_plan_and_loads_nothing(tmp_path, models, monkeypatch):
+    """``cmerl train --check``: config and model names checked, the batch arithmetic printed (for 4
+    processes), no model loaded and no run directory created."""
+    from typer.testing import CliRunner
+
+    import cmerl.models
+    from cmerl.cli import app
+
+    calls = []
+    monkeypatch.setattr(cmerl.models, "load_model", lambda *a, **k: calls.append(a))
+    policy, verifier, prompts = models
+    cfg = {**tiny_config(tmp_path, policy, verifier, prompts), "per_device_train_batch_size": 6,
+           "num_generations": 3, "gradient_accumulation_steps": 2, "lora": True, "lora_r": 4}
+    path = write_config(tmp_path / "run.yaml", cfg)
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--config", str(path), "--check", "--processes", "4"])
+    assert result.exit_code == 0, result.output
+    assert "config OK" in result.output and "training LoRA r=4" in result.output
+    assert "6 completions x 2 accumulation x 4 processes = 48 completions = 16 prompts x G=3" in result.output
+    assert f"cme from {verifier}" in result.output
+    assert calls == [] and not Path(cfg["output_dir"]).exists()
+    bad = write_config(tmp_path / "bad.yaml", {**cfg, "verifiers": [str(tmp_path / "no-such-model")]})
+    result = runner.invoke(app, ["train", "--config", str(bad), "--check"])
+    assert result.exit_code == 2 and "no-such-model" in result.output and "config OK" not in result.output
+
+
 def test_overrides_and_template(tmp_path):
     cfg = apply_overrides(TrainConfig(), ["learning_rate=1e-5", "rewards=cme,self_certainty", "reward_weights=[1, 0.5]",
                                           "lora=true", "max_prompts=null", "trl.top_k=50", "report_to=[]"])

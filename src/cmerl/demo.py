@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cmerl.judging import DecisionRule
 from cmerl.metrics import WinRate
+from cmerl.models import check_available
 from cmerl.training import Echo, TrainConfig, apply_overrides, config_from_dict, finish, start, validate
 
 #: The head-to-head judge: the best packaged judge (docs/evaluation.md, /work/shared/MODELS.md), in bf16.
@@ -184,7 +185,7 @@ def run_demo(cfg: TrainConfig, *, judge: str | None = DEMO_JUDGE, judge_dtype: s
     say = echo or (lambda s: None)
     t0 = time.perf_counter()
     if judge:
-        check_judge_name(judge)
+        check_available(judge)  # fail before training, not after it
     say(f"[bold]cmerl demo[/bold]: GRPO on CME rewards; outputs go to {cfg.output_dir}")
     out, instructions, before, after = _train_and_sample(cfg, say, echo)  # the session is freed on return
     out.seconds = time.perf_counter() - t0
@@ -208,15 +209,6 @@ def run_demo(cfg: TrainConfig, *, judge: str | None = DEMO_JUDGE, judge_dtype: s
         out.seconds = time.perf_counter() - t0
         _write_samples(out)
     return out
-
-
-def check_judge_name(judge: str) -> None:
-    """Fail before training when the judge name cannot be resolved or its package is not installed."""
-    from cmerl.models import packaged_part_paths, resolve
-
-    src = resolve(judge)
-    if src.kind == "packaged":
-        packaged_part_paths(src.location)
 
 
 def _train_and_sample(cfg: TrainConfig, say: Echo, echo: Echo | None):

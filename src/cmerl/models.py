@@ -185,6 +185,16 @@ def packaged_part_paths(alias: str) -> list[Path]:
     return paths
 
 
+def check_available(name: str) -> ModelSource:
+    """Resolve ``name`` without loading it and fail now if it cannot load here: a path that does not
+    exist, or a packaged model whose wheels are not installed (the error names the pip command). Hub ids
+    are not contacted."""
+    src = resolve(name)
+    if src.kind == "packaged":
+        packaged_part_paths(src.location)
+    return src
+
+
 def _sha256_of(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for p in paths:

@@ -31,12 +31,33 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             ModelNotAvailableError)
 
 
+def _check_run(cfg, source, console, processes: int | None) -> None:
+    """``cmerl train --check``: the models must resolve (packaged ones installed); prints the run plan."""
+    import os
+
+    from cmerl import training
+    from cmerl.models import check_available
+
+    names = [cfg.policy] + [v for v in cfg.verifiers if "cme" in cfg.rewards and not training.is_remote(v)]
+    try:
+        for name in names:
+            check_available(name)
+    except _user_errors() as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
+    console.print(f"[green]config OK[/green]: {source}")
+    typer.echo(training.describe_run(cfg, processes=processes))
+
+
 @app.command()
 def train(
     config: Path = typer.Option(None, "--config", "-c", help="YAML run config (see --print-config)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a config key: key=value (repeatable; trl.NAME=value for TRL passthrough)."),
     resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its last complete checkpoint."),
     print_config: bool = typer.Option(False, "--print-config", help="Print every config key with its default and documentation, then exit."),
+    check: bool = typer.Option(False, "--check", help="Validate the config and the model names, print what the run would do, then exit (loads no model)."),
+    processes: int = typer.Option(None, "--processes", help="With --check: data-parallel processes to plan for (default: $WORLD_SIZE or 1)."),
 ) -> None:
     """Train a policy with GRPO on CME (or baseline) rewards, through TRL's GRPOTrainer."""
     from rich.console import Console
@@ -57,6 +78,9 @@ def train(
     except _user_errors() as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
+    if check:
+        _check_run(cfg, config or resume, console, processes)
+        return
     try:
         result = training.train(cfg, resume=resume is not None, progress=True, echo=console.print)
     except _user_errors() as exc:

@@ -493,3 +493,36 @@ def grpo_args(cfg: TrainConfig, *, for_validation: bool = False):
     if for_validation and not torch.cuda.is_available():
         kwargs["fp16"] = False
     return GRPOConfig(**kwargs)
+
+
+def describe_run(cfg: TrainConfig, *, processes: int = 1) -> str:
+    """A few lines saying what a config will do (models, rewards, data, batch arithmetic, steps, outputs);
+    loads nothing. ``processes``: the data-parallel world size (``accelerate launch --num_processes``)."""
+    trained = f"LoRA r={cfg.lora_r} (alpha {cfg.lora_alpha})" if cfg.lora else "all weights"
+    rewards = []
+    for name, w in zip(cfg.rewards, cfg.reward_weights or [1.0] * len(cfg.rewards)):
+        source = (f" from {', '.join(cfg.verifiers)} ({cfg.cme_signal}, {cfg.verifier_dtype})" if name == "cme"
+                  else " from the policy itself")
+        rewards.append(f"{w:g} x {name}{source}")
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes
+    generation = (f"vLLM ({cfg.vllm_mode})" if cfg.use_vllm else "transformers generate")
+    from cmerl.data import source_kind
+
+    data = cfg.prompts + (f" (split {cfg.prompt_split})" if source_kind(cfg.prompts) == "hub" else "")
+    limits = [f"prompts <= {cfg.max_prompt_length} tokens"]
+    if cfg.max_prompts is not None:
+        limits.append(f"first {cfg.max_prompts}")
+    if cfg.heldout_prompts:
+        limits.append(f"{cfg.heldout_prompts} held out")
+    return "\n".join([
+        f"policy     {cfg.policy} ({cfg.policy_dtype}), training {trained}",
+        f"reward     {' + '.join(rewards)}",
+        f"prompts    {data}; {', '.join(limits)}",
+        (f"per step   {cfg.per_device_train_batch_size} completions x {cfg.gradient_accumulation_steps} accumulation"
+         f" x {processes} process{'es' if processes != 1 else ''} = {per_step} completions = "
+         f"{per_step / cfg.num_generations:g} prompts x G={cfg.num_generations}"),
+        (f"sampling   {generation}, up to {cfg.max_completion_length} tokens, temperature {cfg.temperature}, "
+         f"loss {cfg.loss_type}, beta {cfg.beta}, learning rate {cfg.learning_rate:g}"),
+        (f"steps      {cfg.max_steps}, checkpoint every {cfg.save_steps}"
+         + (f" (keep {cfg.save_total_limit})" if cfg.save_total_limit else "") + f" -> {cfg.output_dir}"),
+    ])
