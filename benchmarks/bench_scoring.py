@@ -131,6 +131,9 @@ def main() -> None:
     ap.add_argument("--against", default="naive", choices=["naive", *ENGINE_VARIANTS],
                     help="baseline: the naive reward function, or the engine without one optimisation")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--vs-fp32", action="store_true",
+                    help="with --against other than naive: also score once with the naive fp32 function and "
+                         "report both scorers' errors against it (one extra untimed pass)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,6 +142,10 @@ def main() -> None:
     print(f"verifier {args.verifier}; {len(prompts)} pairs ({args.prompts} prompts x {args.per_prompt} "
           f"responses, <= {args.max_words} words); engine vs {args.against}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows, fp32_naive = [], None
+    if args.vs_fp32 and args.against != "naive":
+        ref = Verifier.from_pretrained(args.verifier, dtype="float32")
+        fp32_naive = naive_scores(ref.model, [ref.render(p, r) for p, r in zip(prompts, responses)])
+        del ref
     for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
         row = measure(args, dtype, prompts, responses)
         dtype, n_resp, _, t_engine, t_naive, diff, _, naive = row
@@ -150,11 +157,15 @@ def main() -> None:
               f"max |d mean logprob| {diff:.2e}", flush=True)
 
     def vs32(means: list[float]) -> str:
-        return f"{max(abs(a - b) for a, b in zip(means, fp32_naive)):.2e}" if fp32_naive else "n/a"
+        """Max / mean absolute difference from the fp32 naive reference."""
+        if not fp32_naive:
+            return "n/a"
+        d = [abs(a - b) for a, b in zip(means, fp32_naive)]
+        return f"{max(d):.2e} / {sum(d) / len(d):.2e}"
 
     b = args.against
     print(f"\n| dtype | response tokens (all tokens) | engine tok/s | {b} tok/s | speed-up | max abs diff of "
-          f"mean log-prob, engine vs {b} | engine vs fp32 naive | {b} vs fp32 naive |")
+          f"mean log-prob, engine vs {b} | engine vs fp32 naive (max / mean) | {b} vs fp32 naive (max / mean) |")
     print("|---|---|---|---|---|---|---|---|")
     for dtype, n_resp, n_all, t_e, t_n, diff, means, naive in rows:
         print(f"| {dtype} | {n_resp} ({n_all}) | {n_resp / t_e:.1f} | {n_resp / t_n:.1f} | {t_n / t_e:.2f}x | "
