@@ -159,3 +159,13 @@ def test_jsonl_append_and_torn_last_line(tmp_path):
     write_records(out, [{"x": "é"}])
     assert json.loads(out.read_text(encoding="utf-8")) == [{"x": "é"}]
     assert sorted(q.name for q in tmp_path.iterdir()) == ["log.jsonl", "out.json"]  # no temp files left
+
+
+def test_version_is_the_installed_distribution_version():
+    from importlib.metadata import version
+
+    import cmerl
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0
+    assert res.output.strip() == f"cmerl {version('cmerl')}" == f"cmerl {cmerl.__version__}"

@@ -11,6 +11,17 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from cmerl import __version__
+
+        typer.echo(f"cmerl {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the cmerl version and exit."),
+) -> None:
     """Label-free RL with Cross-Model Entropy rewards."""
