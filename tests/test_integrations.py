@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -225,6 +226,17 @@ def test_trl_remote_example_trains_against_the_service(tmp_path, tiny_server, ti
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trained 1 steps; rewards/cme/mean per step:" in proc.stdout
     assert scrape(tiny_server.url)[key] >= before + 1  # the step's reward call went to the server
+
+
+def test_plain_trl_example_trains_with_an_in_process_verifier(tmp_path, tiny_verifier_dir):
+    """examples/trl/grpo_cme.py: stock GRPOTrainer with CrossModelEntropy as its reward function."""
+    args = [sys.executable, "examples/trl/grpo_cme.py", "--policy", str(_policy_dir(tmp_path)),
+            "--verifier", str(tiny_verifier_dir), "--steps", "1", "--max-completion-length", "8",
+            "--output-dir", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^step 1: mean CME -\d+\.\d{3}, completion length \d+$", proc.stdout, re.MULTILINE), proc.stdout
 
 
 @pytest.mark.slow
