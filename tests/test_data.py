@@ -141,12 +141,29 @@ def test_bundled_ultrafeedback_length_filter_counts(smol_tok):
     assert len(ps.prompts) == 1000 - independent
 
 
+@pytest.mark.parametrize("system_prompt", [None, "Be brief."])
+def test_policy_generates_from_the_context_its_own_rewards_score(smol_tok, gemma_tok, system_prompt):
+    """What GRPOTrainer feeds the policy (to_policy_prompt, then TRL's chat template) is the context the
+    policy-side rewards render (policy_render_config): with and without a chat template."""
+    from cmerl.formatting import render_context
+    from cmerl.training import TrainConfig, policy_render_config
+
+    render = policy_render_config(TrainConfig(system_prompt=system_prompt))
+    for tok in (smol_tok, gemma_tok):
+        for prompt in ("hi", [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                              {"role": "user", "content": "c"}]):
+            fed = to_policy_prompt(prompt, tok, system_prompt)
+            if isinstance(fed, list):
+                fed = tok.apply_chat_template(fed, tokenize=False, add_generation_prompt=True)
+            assert fed == render_context(tok, prompt, render)
+
+
 def test_policy_format(smol_tok, gemma_tok):
     assert to_policy_prompt("hi", smol_tok) == [{"role": "user", "content": "hi"}]
     assert to_policy_prompt("hi", smol_tok, "Be brief.") == [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
-    plain = to_policy_prompt("hi", gemma_tok)
-    assert isinstance(plain, str) and "hi" in plain and plain.endswith("### Response:\n")
+    assert to_policy_prompt("hi", gemma_tok) == "### Instruction:\nhi\n\n### Response:\n"
+    assert to_policy_prompt("hi", gemma_tok, "Be brief.") == "### Instruction:\nBe brief.\n\nhi\n\n### Response:\n"
     ps = select_prompts(["a?", "b?"], smol_tok, max_prompt_length=None)
     ds = to_dataset(ps, smol_tok)
     assert ds.column_names == ["prompt", "raw_prompt"]

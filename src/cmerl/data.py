@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cmerl.formatting import DEFAULT_PLAIN_TEMPLATE, Prompt, as_messages
+from cmerl.formatting import Prompt, RenderConfig, as_messages, render_context
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -144,25 +144,18 @@ def read_prompts(source: str, *, column: str = "prompt", split: str = "train") -
     return out
 
 
-def plain_prompt(prompt: Prompt, template: str = DEFAULT_PLAIN_TEMPLATE) -> str:
-    """A prompt in the plain instruction format used for tokenizers without a chat template."""
-    if isinstance(prompt, str):
-        text = prompt
-    else:
-        text = "\n\n".join(m["content"] for m in as_messages(prompt) if m["role"] != "system")
-    return template.format(prompt=text)
-
-
 def to_policy_prompt(prompt: Prompt, tokenizer, system_prompt: str | None = None) -> Prompt:
     """The prompt as GRPOTrainer should receive it for this policy tokenizer: a message list (TRL then
     applies the chat template with the generation prompt), with ``system_prompt`` as a system turn when
-    given and the prompt has none; without a chat template, a plain instruction string."""
+    given and the prompt has none; without a chat template, the plain-format text that
+    :func:`cmerl.formatting.render_context` gives for the same prompt and system prompt, so the policy
+    generates from exactly the context its own rewards (self-certainty, self-likelihood) score with."""
     if getattr(tokenizer, "chat_template", None):
         messages = as_messages(prompt)
         if system_prompt is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}] + messages
         return messages
-    return plain_prompt(prompt)
+    return render_context(tokenizer, prompt, RenderConfig(system_prompt=system_prompt, use_chat_template=False))
 
 
 def prompt_token_count(prompt: Prompt, tokenizer, system_prompt: str | None = None) -> int:
