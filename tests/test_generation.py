@@ -3,6 +3,7 @@ format, resuming after a stop or a real SIGKILL."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -98,10 +99,15 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tmp_path, smollm_tokenizer, 
 
 
 def test_plain_format_for_base_model(tmp_path, gemma_tokenizer, tiny_gemma):
+    """No chat template: each output is the greedy continuation of the plain-format prompt (with BOS)."""
     rows = generate_outputs(tiny_gemma, gemma_tokenizer, ITEMS[:2], tmp_path / "g.json", generator="g",
                             config=GenerationConfig(max_new_tokens=6, batch_size=2, dtype="float32"))
-    assert rows[0]["generation"]["chat_template"] is False
-    assert all("### Instruction" not in r["output"] for r in rows)
+    assert len(rows) == 2 and rows[0]["generation"]["chat_template"] is False
+    context = render_context(gemma_tokenizer, ITEMS[0].instruction, RenderConfig())  # what _greedy_one encodes
+    assert context == f"### Instruction:\n{ITEMS[0].instruction}\n\n### Response:\n"
+    assert gemma_tokenizer(context)["input_ids"][0] == gemma_tokenizer.bos_token_id
+    for item, row in zip(ITEMS[:2], rows):
+        assert row["output"] == _greedy_one(tiny_gemma, gemma_tokenizer, item.instruction, 6)
 
 
 def test_plain_format_stops_at_the_next_turn(gemma_tokenizer):
@@ -118,8 +124,15 @@ def test_sampling_is_seeded(tmp_path, smollm_tokenizer, tiny_llama):
     cfg = GenerationConfig(max_new_tokens=8, temperature=1.0, seed=5, batch_size=2, dtype="float32")
     a = generate_outputs(tiny_llama, smollm_tokenizer, ITEMS, tmp_path / "a.json", generator="t", config=cfg)
     b = generate_outputs(tiny_llama, smollm_tokenizer, ITEMS, tmp_path / "b.json", generator="t", config=cfg)
-    assert [r["output"] for r in a] == [r["output"] for r in b]
+    assert len(a) == len(ITEMS) and [r["output"] for r in a] == [r["output"] for r in b]
     assert a[0]["generation"]["decoding"] == "sampling" and a[0]["generation"]["seed"] == 5
+    greedy = generate_outputs(tiny_llama, smollm_tokenizer, ITEMS, tmp_path / "g.json", generator="t",
+                              config=GenerationConfig(max_new_tokens=8, batch_size=2, dtype="float32"))
+    other = generate_outputs(tiny_llama, smollm_tokenizer, ITEMS, tmp_path / "c.json", generator="t",
+                             config=dataclasses.replace(cfg, seed=6))
+    assert len(greedy) == len(other) == len(ITEMS)
+    for row, g, o in zip(a, greedy, other):  # each row: sampled, and by its own seed
+        assert row["output"] != g["output"] and row["output"] != o["output"]
 
 
 class CountingModel:

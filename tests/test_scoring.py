@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from _core_helpers import reference
+from conftest import PEAK_SCALE
 
 from cmerl.formatting import render_pair
 from cmerl.scoring import DEFAULT_LOGPROB_FLOOR, ResponseScore, ScoreRequest, Verifier, local
@@ -161,6 +162,7 @@ def test_unknown_logit_postprocessing_falls_back_to_the_models_forward(smollm_to
     v = Verifier(model, smollm_tokenizer)
     with pytest.warns(UserWarning, match="full forward"):
         scores = v.score(PROMPTS[:3], RESPONSES[:3], entropy=True, self_certainty=True)
+    assert len(scores) == 3
     for prompt, response, score in zip(PROMPTS, RESPONSES, scores):
         req = v.render(prompt, response)
         assert_matches_reference(v, score, req.input_ids, req.response_start)
@@ -168,13 +170,34 @@ def test_unknown_logit_postprocessing_falls_back_to_the_models_forward(smollm_to
 
 
 def test_bf16_weights_keep_fp32_logprob_precision(smollm_tokenizer):
-    model = tiny_for_tokenizer(smollm_tokenizer, arch="llama", seed=2)
-    fp32 = Verifier(model, smollm_tokenizer).score(PROMPTS, RESPONSES)
-    bf16 = Verifier(tiny_for_tokenizer(smollm_tokenizer, arch="llama", seed=2, dtype=torch.bfloat16),
-                    smollm_tokenizer).score(PROMPTS, RESPONSES)
-    for a, b in zip(fp32, bf16):
-        assert math.isfinite(b.mean_logprob)
-        assert b.mean_logprob == pytest.approx(a.mean_logprob, abs=0.05)
+    """bf16 backbone, fp32 head: on a peaked model, per-token log-probs equal a float64 head + log-softmax
+    over the same bf16 hidden states and weights to 1e-4, while an all-bf16 head is off by over 10x that."""
+    model = tiny_for_tokenizer(smollm_tokenizer, arch="llama", seed=2, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(PEAK_SCALE)  # peaked, like the tiny verifiers
+    v = Verifier(model, smollm_tokenizer)
+    bf16_head = Verifier(model, smollm_tokenizer, fp32_head=False)
+    weight = model.get_output_embeddings().weight.detach()
+    tol, bf16_err, bf16_head_err = 1e-4, 0.0, 0.0
+    for prompt, response in zip(PROMPTS, RESPONSES):
+        req = v.render(prompt, response)
+        score = v.score_requests([req])[0]  # one request: the same bf16 backbone call as the reference
+        ids = torch.tensor([req.input_ids])
+        target = ids[0, req.response_start:, None]
+        with torch.no_grad():
+            h = model.get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
+            h = h[req.response_start - 1:-1]
+            exact = torch.log_softmax(h.double() @ weight.double().T, dim=-1).gather(-1, target).squeeze(-1)
+            plain_bf16 = torch.log_softmax(model.lm_head(h), dim=-1).gather(-1, target).squeeze(-1)
+        assert exact.min() > v.logprob_floor  # no clamping: every position is compared
+        assert score.n_tokens == len(exact) and math.isfinite(score.mean_logprob)
+        torch.testing.assert_close(torch.tensor(score.token_logprobs, dtype=torch.float64), exact,
+                                   atol=tol, rtol=0)
+        bf16_err = max(bf16_err, float((plain_bf16.double() - exact).abs().max()))
+        dropped = torch.tensor(bf16_head.score_requests([req])[0].token_logprobs, dtype=torch.float64)
+        bf16_head_err = max(bf16_head_err, float((dropped - exact).abs().max()))
+    assert bf16_err > 10 * tol  # what an all-bf16 output projection + log-softmax would lose
+    assert bf16_head_err > 10 * tol  # and what the engine loses without its fp32 head
 
 
 def test_bf16_output_projection_keeps_fp32_precision(smollm_tokenizer):

@@ -37,6 +37,7 @@ def test_score_route_text_and_token_items(tiny_server, tiny_local):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == str(tiny_server.args[1]) and body["usage"]["items"] == 2 * len(PAIRS)
+    assert len(body["scores"]) == len(items) == 2 * len(local)
     for got, want in zip(body["scores"], local + local):
         assert got["n_tokens"] == want.n_tokens
         assert got["mean_logprob"] == pytest.approx(want.mean_logprob, abs=1e-4)
@@ -49,31 +50,43 @@ def test_score_route_text_and_token_items(tiny_server, tiny_local):
 # ---------------------------------------------------------------------------------------------- /v1/completions
 @pytest.mark.parametrize("k", [0, 1, 5])
 def test_completions_prompt_logprobs_match_vllm_layout(k, tiny_server, tiny_local):
+    """Every position's actual token and top-k (ids, log-probs, ranks) equal the local engine's."""
     reqs = [tiny_local.render(p, r) for p, r in PAIRS[:3]]
-    full = tiny_local.score_requests([ScoreRequest(q.input_ids, 1) for q in reqs])  # every position but 0
+    greedy = reqs[0].input_ids[:8]  # + 4 tokens that are the local top-1: actual tokens inside the top-k
+    for _ in range(4):
+        greedy.append(tiny_local.score_requests([ScoreRequest(greedy + [0], len(greedy))],
+                                                top_k=1)[0].extra["top_logprobs"][0][0][0])
+    reqs.append(ScoreRequest(greedy, 1))
+    full = tiny_local.score_requests([ScoreRequest(q.input_ids, 1) for q in reqs],  # every position but 0
+                                     top_k=k)
     payload = {"prompt": [q.input_ids for q in reqs], "max_tokens": 1, "prompt_logprobs": k, "temperature": 1.0}
     r = httpx.post(f"{tiny_server.url}/v1/completions", json=payload, timeout=60)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["object"] == "text_completion" and len(body["choices"]) == 3
+    assert body["object"] == "text_completion" and len(body["choices"]) == len(reqs)
     assert body["usage"]["prompt_tokens"] == sum(len(q.input_ids) for q in reqs)
     tok = tiny_local.tokenizer
+    assert len(full) == len(reqs)
     for q, want, choice in zip(reqs, full, body["choices"]):
         plp = choice["prompt_logprobs"]
         assert len(plp) == len(q.input_ids) and plp[0] is None
+        want_top = want.extra["top_logprobs"] if k else [[] for _ in q.input_ids[1:]]
+        assert len(want_top) == len(q.input_ids) - 1
         for pos in range(1, len(q.input_ids)):
             entry = plp[pos]
             actual = entry[str(q.input_ids[pos])]
             assert actual["logprob"] == pytest.approx(want.token_logprobs[pos - 1], abs=1e-4)
             assert actual["decoded_token"] == tok.decode([q.input_ids[pos]])
-            ranked = sorted((v for v in entry.values() if v["rank"] is not None and v["rank"] <= k),
-                            key=lambda v: v["rank"])
-            assert len(entry) in (k, k + 1) or (k == 0 and len(entry) == 1)
-            assert [v["rank"] for v in ranked] == list(range(1, k + 1))
-            lps = [v["logprob"] for v in ranked]
-            assert lps == sorted(lps, reverse=True)
-            if ranked:
-                assert ranked[0]["logprob"] >= actual["logprob"] - 1e-6
+            ranked = sorted(((int(t), v) for t, v in entry.items() if v["rank"] is not None and v["rank"] <= k),
+                            key=lambda tv: tv[1]["rank"])
+            want_ids = [t for t, _ in want_top[pos - 1]]
+            in_top = q.input_ids[pos] in want_ids
+            assert len(entry) == k + (not in_top)  # the top-k, plus the actual token when outside it
+            assert [v["rank"] for _, v in ranked] == list(range(1, k + 1))
+            assert [t for t, _ in ranked] == want_ids
+            assert [v["logprob"] for _, v in ranked] == pytest.approx([lp for _, lp in want_top[pos - 1]], abs=1e-4)
+            assert [v["decoded_token"] for _, v in ranked] == [tok.decode([t]) for t in want_ids]
+            assert actual["rank"] == (want_ids.index(q.input_ids[pos]) + 1 if in_top else k + 1 if k else None)
 
 
 def test_completions_text_prompt_and_refusals(tiny_server, tiny_local):

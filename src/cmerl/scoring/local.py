@@ -108,7 +108,8 @@ class Verifier:
         name: shown in logs and used by the independence guard (defaults to the model's source).
         render: how pairs are rendered (chat template, system prompt, end-of-turn token).
         logprob_floor: per-token log-probs are clamped at this value (natural log).
-        empty_score: every signal of an empty response (default: ``logprob_floor``).
+        empty_score: mean and sum log-prob of an empty response, and its ``neg_entropy`` signal (default:
+            ``logprob_floor``); its self-certainty is 0, the lowest value a real response can have.
         max_batch_tokens: token budget of one forward batch (rows x padded length).
         max_length: context limit in tokens (default: the model's ``max_position_embeddings``).
         head_chunk: rows of the output projection computed at once.
