@@ -115,6 +115,9 @@ def tiny_config(tmp: Path, policy: Path, verifier: Path, prompts: Path, **overri
         "num_generations": 4,
         "per_device_train_batch_size": 8,
         "max_completion_length": 8,
+        # A tiny random policy never ends a completion within 8 tokens: with truncated completions masked
+        # (cmerl's default) every loss would be zero and the runs would test checkpoints of an untrained model.
+        "mask_truncated_completions": False,
         "learning_rate": 1e-3,
         "max_steps": 3,
         "save_steps": 2,

@@ -187,5 +187,5 @@ def test_completion_text_accepts_trl_formats():
     assert completion_text({"role": "assistant", "content": "dict"}) == "dict"
     with pytest.raises(TypeError, match="got NoneType"):
         completion_text(None)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"list of assistant messages \(got list\)"):
         completion_text([{"role": "assistant", "content": 5}])

@@ -64,7 +64,7 @@ def test_prompt_file_errors_name_the_problem(tmp_path):
     bad.write_text("<<<system>>>\nS\n<<<user>>>\n{instruction} {response_a}\n<<<assistant_prefill>>>\nX\n")
     with pytest.raises(ValueError, match="response_b"):
         JudgePrompt.load(bad)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"judge prompt file not found: .*missing\.txt"):
         JudgePrompt.load(tmp_path / "missing.txt")
 
 
@@ -112,7 +112,7 @@ def test_decide_parse_mode_and_errors():
     assert decide(a_first, a_second) == ("a", None, True)
     assert decide(OrderResult("A"), OrderResult("A")) == ("tie", None, False)  # position-biased: tie
     assert decide(OrderResult(None, error="x"), OrderResult("A"))[0] == "error"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"threshold must be >= 0 \(got -1\.0\)"):
         DecisionRule(-1.0)
 
 
@@ -133,6 +133,7 @@ def test_local_judge_matches_plain_forward(family, request):
     judge = LocalJudge(model, tok, name=f"tiny-{family}", max_batch_tokens=100_000)
     jobs = [Job(p.instruction, p.output_a, p.output_b) for p in PAIRS]  # different lengths: padding matters
     results = judge.judge(jobs)
+    assert len(results) == len(jobs)
     for job, r in zip(jobs, results):
         la, lb = _reference_choice_logprobs(judge, job)
         assert r.logprob_A == pytest.approx(la, abs=1e-4) and r.logprob_B == pytest.approx(lb, abs=1e-4)

@@ -63,6 +63,7 @@ def test_cme_accepts_conversational_datasets(tiny_qwen_verifier):
 
 def test_cme_values_equal_the_float64_reference(tiny_gemma_verifier):
     rewards = CrossModelEntropy(tiny_gemma_verifier)(prompts=PROMPTS[:3], completions=COMPLETIONS[:3])
+    assert len(rewards) == 3
     for p, c, r in zip(PROMPTS, COMPLETIONS, rewards):
         req = tiny_gemma_verifier.render(p, c)
         ref = reference(tiny_gemma_verifier.model, req.input_ids, req.response_start)["logprobs"]

@@ -227,8 +227,12 @@ def test_graceful_shutdown_finishes_in_flight_requests(restartable_server, tiny_
         if "cmerl_inflight_requests 2" in metrics:  # the slow request and this scrape
             break
         time.sleep(0.01)
+    else:
+        pytest.fail("the slow request never showed up as in flight within 30 s")
+    assert thread.is_alive() and "r" not in result  # SIGTERM lands while the request is still in flight
     server.signal(signal.SIGTERM)
     thread.join(120)
+    assert not thread.is_alive()
     r = result["r"]
     assert r.status_code == 200, r.text
     with torch_threads(1):

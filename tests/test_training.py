@@ -274,6 +274,15 @@ def test_three_steps_end_to_end(three_step_run):
     model, tok = load_model(str(result.final_dir))
     out = model.generate(torch.tensor([[tok.bos_token_id or 1, 42]]), max_new_tokens=3, do_sample=False)
     assert out.shape[1] == 5
+    # final/ holds the trained weights: those of the last checkpoint, not the initial policy's
+    from safetensors.torch import load_file
+
+    final = load_file(result.final_dir / "model.safetensors")
+    last = load_file(ckpt / "model.safetensors")
+    initial = load_file(Path(cfg.policy) / "model.safetensors")
+    assert final.keys() == last.keys() == initial.keys()
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    assert any(not torch.equal(final[k], initial[k]) for k in final)
 
 
 def test_logged_rewards_are_the_verifier_scores_of_the_logged_completions(three_step_run, models):
@@ -462,6 +471,16 @@ def test_lora_with_weighted_baseline_reward_resumes_and_merges(tmp_path, models)
     assert not (result.final_dir / "adapter_config.json").exists()
     model, _ = load_model(str(result.final_dir))
     assert not any("lora" in name for name, _ in model.named_parameters())
+    # final/ is the base policy with the last checkpoint's adapter merged in
+    from peft import PeftModel
+
+    base, _ = load_model(str(policy))
+    merged = PeftModel.from_pretrained(base, str(latest_checkpoint(cfg.output_dir))).merge_and_unload()
+    want, got = merged.state_dict(), model.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.allclose(want[k], got[k], atol=1e-6) for k in want)
+    initial = load_model(str(policy))[0].state_dict()
+    assert any(not torch.allclose(initial[k], got[k]) for k in got)  # the adapter changed something
 
 
 def test_baseline_scorer_live_policy_tracks_updates_frozen_copy_does_not(tmp_path, models):
