@@ -269,9 +269,10 @@ def test_empty_response_gets_a_defined_score_never_nan(tiny_verifier):
         assert s.n_tokens == 0 and s.token_logprobs == []
         assert s.mean_logprob == s.sum_logprob == DEFAULT_LOGPROB_FLOOR
         assert s.signal("neg_entropy") == DEFAULT_LOGPROB_FLOOR
+        assert s.signal("self_certainty") == 0.0  # the lowest a real response can get (KL >= 0)
         assert not any(math.isnan(x) for x in (s.mean_logprob, s.sum_logprob, s.mean_entropy,
                                                s.mean_self_certainty))
-    assert real.n_tokens > 0 and real.mean_logprob > DEFAULT_LOGPROB_FLOOR
+    assert real.n_tokens > 0 and real.mean_logprob > DEFAULT_LOGPROB_FLOOR and real.mean_self_certainty > 0.0
     custom = Verifier(v.model, v.tokenizer, empty_score=-7.5).score(["Q?"], [""])[0]
     assert custom.mean_logprob == custom.sum_logprob == -7.5
 
