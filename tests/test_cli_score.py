@@ -154,11 +154,26 @@ def test_jsonl_append_and_torn_last_line(tmp_path):
     with p.open("a") as f:
         f.write('{"i": 2, "torn')  # an interrupted writer
     assert [r["i"] for r in iter_jsonl(p)] == [0, 1]
+    append_jsonl(p, [{"i": 2}, {"i": 3}])  # a resumed writer: the torn fragment must not swallow row 2
+    assert [r["i"] for r in iter_jsonl(p)] == [0, 1, 2, 3]
+    assert p.read_text().count("torn") == 0
     assert list(iter_jsonl(tmp_path / "absent.jsonl")) == []
     out = tmp_path / "out.json"
     write_records(out, [{"x": "é"}])
     assert json.loads(out.read_text(encoding="utf-8")) == [{"x": "é"}]
     assert sorted(q.name for q in tmp_path.iterdir()) == ["log.jsonl", "out.json"]  # no temp files left
+
+
+@pytest.mark.parametrize("content, kept", [(b"", b""), (b"a\n", b"a\n"), (b"a\nb", b"a\n"), (b"abc", b""),
+                                           (b"x" * 70000 + b"\n" + b"y" * 70000, b"x" * 70000 + b"\n")])
+def test_drop_torn_tail(tmp_path, content, kept):
+    from cmerl.io import drop_torn_tail
+
+    p = tmp_path / "f.jsonl"
+    p.write_bytes(content)
+    assert drop_torn_tail(p) == len(content) - len(kept)
+    assert p.read_bytes() == kept
+    assert drop_torn_tail(tmp_path / "missing.jsonl") == 0
 
 
 def test_version_is_the_installed_distribution_version():

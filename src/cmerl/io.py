@@ -65,10 +65,40 @@ def iter_jsonl(path: str | Path) -> Iterator[dict]:
                     continue
 
 
+def drop_torn_tail(path: str | Path) -> int:
+    """Cut a file back to the end of its last complete line (what a writer killed mid-line leaves);
+    returns the number of bytes removed (0 when the file ends with a newline, is empty or is missing)."""
+    p = Path(path)
+    if not p.is_file():
+        return 0
+    with p.open("rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        pos, keep = size, 0
+        while pos > 0 and not keep:
+            step = min(65536, pos)
+            pos -= step
+            f.seek(pos)
+            block = f.read(step)
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                keep = pos + cut + 1
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+        return size - keep
+
+
 def append_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    """Append rows and flush + fsync, so an interrupted run keeps every row it reported."""
+    """Append rows and flush + fsync, so an interrupted run keeps every row it reported. A torn last line
+    left by an earlier interrupted writer is removed first, so it cannot swallow the next row."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    drop_torn_tail(p)
     with p.open("a", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
