@@ -184,3 +184,53 @@ def test_version_is_the_installed_distribution_version():
     res = CliRunner().invoke(app, ["--version"])
     assert res.exit_code == 0
     assert res.output.strip() == f"cmerl {version('cmerl')}" == f"cmerl {cmerl.__version__}"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_interrupted_score_resumes_without_redoing_rows(tmp_path, verifier_folder, monkeypatch, suffix):
+    """Rows are appended every CHUNK_ROWS; after a crash in the second chunk the first chunk is on disk,
+    and a rerun scores only the rest. The result equals an uninterrupted run."""
+    import cmerl.cli.score as score_cli
+
+    rows = [{"prompt": f"Question {i}?", "response": f"Answer number {i}."} for i in range(5)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["score", "--verifier", str(verifier_folder), "--input", str(inp), "--dtype", "float32"]
+    runner = CliRunner()
+    full = tmp_path / f"full{suffix}"
+    assert runner.invoke(app, [*args, "--output", str(full)]).exit_code == 0
+
+    monkeypatch.setattr(score_cli, "CHUNK_ROWS", 2)
+    real_score, calls, crash = Verifier.score, [], [True]
+
+    def crash_on_second_chunk(self, prompts, responses, **kw):
+        calls.append(list(responses))
+        if len(calls) == 2 and crash and crash.pop():
+            raise KeyboardInterrupt  # the user pressed Ctrl-C, once
+        return real_score(self, prompts, responses, **kw)
+
+    monkeypatch.setattr(Verifier, "score", crash_on_second_chunk)
+    out = tmp_path / f"out{suffix}"
+    assert runner.invoke(app, [*args, "--output", str(out)]).exit_code != 0
+    progress = score_cli.progress_path(out)
+    from cmerl.io import iter_jsonl
+
+    assert [r["response"] for r in iter_jsonl(progress)] == [rows[0]["response"], rows[1]["response"]]
+
+    calls.clear()
+    res = runner.invoke(app, [*args, "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "resuming: 2 of 5 rows already scored" in res.output
+    assert calls == [[r["response"] for r in rows[2:4]], [rows[4]["response"]]]  # nothing redone
+    read = (lambda p: list(iter_jsonl(p))) if suffix == ".jsonl" else (lambda p: json.loads(p.read_text()))
+    assert read(out) == read(full)
+    assert not (suffix == ".json" and progress.exists())  # the partial file is gone once the .json is written
+
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"prompt": "Something else?", "response": "Yes."}) + "\n")
+    before = out.read_bytes()
+    res = runner.invoke(app, ["score", "--verifier", str(verifier_folder), "--input", str(other),
+                              "--output", str(out)])
+    if suffix == ".jsonl":  # a finished .json is not a progress file: it is simply rewritten
+        assert res.exit_code == 2 and "belongs to another run" in res.output
+        assert out.read_bytes() == before

@@ -54,7 +54,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str) -> None:

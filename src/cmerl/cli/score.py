@@ -32,25 +32,61 @@ def extract_pair(row: object) -> tuple[object, str]:
     return prompt, response
 
 
+#: Rows scored between two appends to the progress file (what an interruption can cost).
+CHUNK_ROWS = 256
+
+
+def progress_path(output: Path) -> Path:
+    """Where scored rows are appended as they finish: the output itself when it is JSONL, else a hidden
+    ``.NAME.partial.jsonl`` beside it (turned into the JSON list at the end)."""
+    return output if output.suffix == ".jsonl" else output.with_name(f".{output.name}.partial.jsonl")
+
+
+def resume_rows(progress: Path, pairs: list[tuple[object, str]], verifier: str,
+                required: tuple[str, ...] = ()) -> list[dict]:
+    """Rows already scored in ``progress`` (complete lines); they must be the first rows of this input,
+    scored by this verifier with the ``required`` fields, else ValueError naming the first that differs."""
+    from cmerl.io import iter_jsonl
+
+    done = list(iter_jsonl(progress))
+    if len(done) > len(pairs):
+        raise ValueError(f"{progress} already holds {len(done)} scored rows, more than the {len(pairs)} usable "
+                         "rows of this input: it belongs to another run; remove it or choose another --output")
+    for k, (row, pair) in enumerate(zip(done, pairs)):
+        try:
+            same = (extract_pair(row) == pair and row.get("verifier") == verifier
+                    and all(key in row for key in required))
+        except ValueError:
+            same = False
+        if not same:
+            raise ValueError(f"{progress} row {k + 1} is not usable row {k + 1} of this input scored by "
+                             f"{verifier!r} with these options: it belongs to another run; remove it or choose another "
+                             "--output")
+    return done
+
+
 @app.command()
 def score(
     verifier: str = typer.Option(..., "--verifier", "-v", help="Model name: packaged alias, HF folder, .gguf, hub id."),
     input: Path = typer.Option(..., "--input", "-i", help="JSONL or JSON rows with prompt/response (or instruction/output)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Where to write the rows plus scores (.jsonl or .json)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the rows plus scores (.jsonl or .json); rerun to resume."),
     dtype: str = typer.Option("bfloat16", help="Verifier weights dtype: bfloat16 or float32."),
     entropy: bool = typer.Option(False, help="Also compute the verifier's mean entropy at response positions."),
     tokens: bool = typer.Option(False, help="Include per-token log-probs in the output."),
     batch_tokens: int = typer.Option(4096, help="Token budget of one forward batch."),
 ) -> None:
-    """Score (prompt, response) rows with a verifier: CME (mean log-prob), sum, token count, truncation."""
+    """Score (prompt, response) rows with a verifier: CME (mean log-prob), sum, token count, truncation.
+
+    Scored rows are appended to the output (or a partial file beside a .json output) every few hundred
+    rows, so an interrupted run keeps them and a rerun with the same arguments scores only the rest."""
     from rich.console import Console
     from rich.markup import escape
 
-    from cmerl.io import BadRow, read_records, write_records
+    from cmerl.io import BadRow, append_jsonl, read_records, write_records
     from cmerl.models import ModelNotAvailableError
     from cmerl.scoring import Verifier
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # no line breaks inside paths
     try:
         rows, bad = read_records(input)
     except (FileNotFoundError, ValueError) as exc:
@@ -68,24 +104,42 @@ def score(
     if not pairs:
         console.print(f"[red]no usable rows in {input}[/red]")
         raise typer.Exit(1)
+    progress = progress_path(output)
     try:
-        v = Verifier.from_pretrained(verifier, dtype=dtype, max_batch_tokens=batch_tokens)
-    except (FileNotFoundError, ValueError, ModelNotAvailableError) as exc:
-        console.print(f"[red]cannot load verifier {escape(repr(verifier))}: {escape(str(exc))}[/red]")
+        required = ("mean_entropy",) * entropy + ("token_logprobs",) * tokens
+        out = resume_rows(progress, pairs, verifier, required)
+    except ValueError as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2) from None
-    scores = v.score([p for p, _ in pairs], [r for _, r in pairs], entropy=entropy, progress=True)
-    out = []
-    for (line, row), s in zip(good, scores):
-        row = dict(row)
-        row.update({"cme": s.mean_logprob, "sum_logprob": s.sum_logprob, "n_tokens": s.n_tokens,
-                    "truncated": s.truncated, "verifier": verifier})
-        if entropy:
-            row["mean_entropy"] = s.mean_entropy
-        if tokens:
-            row["token_logprobs"] = s.token_logprobs
-        out.append(row)
-    write_records(output, out)
+    if out:
+        console.print(f"resuming: {len(out)} of {len(pairs)} rows already scored in {progress}")
+    seconds = 0.0
+    if len(out) < len(pairs):
+        try:
+            v = Verifier.from_pretrained(verifier, dtype=dtype, max_batch_tokens=batch_tokens)
+        except (FileNotFoundError, ValueError, ModelNotAvailableError) as exc:
+            console.print(f"[red]cannot load verifier {escape(repr(verifier))}: {escape(str(exc))}[/red]")
+            raise typer.Exit(2) from None
+        for start in range(len(out), len(pairs), CHUNK_ROWS):
+            chunk = range(start, min(start + CHUNK_ROWS, len(pairs)))
+            scores = v.score([pairs[k][0] for k in chunk], [pairs[k][1] for k in chunk], entropy=entropy,
+                             progress=True)
+            seconds += v.last_seconds
+            new = []
+            for k, s in zip(chunk, scores):
+                row = dict(good[k][1])
+                row.update({"cme": s.mean_logprob, "sum_logprob": s.sum_logprob, "n_tokens": s.n_tokens,
+                            "truncated": s.truncated, "verifier": verifier})
+                if entropy:
+                    row["mean_entropy"] = s.mean_entropy
+                if tokens:
+                    row["token_logprobs"] = s.token_logprobs
+                new.append(row)
+            append_jsonl(progress, new)
+            out.extend(new)
+    if progress != output:
+        write_records(output, out)
+        progress.unlink(missing_ok=True)
     mean = sum(r["cme"] for r in out) / len(out)
-    console.print(f"scored {len(out)} rows ({len(bad)} skipped) in {v.last_seconds:.1f}s; "
+    console.print(f"scored {len(out)} rows ({len(bad)} skipped) in {seconds:.1f}s; "
                   f"mean CME {mean:.4f}; wrote {output}")
-

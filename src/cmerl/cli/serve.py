@@ -48,7 +48,7 @@ def serve(
     from cmerl.serving.app import ServerConfig
     from cmerl.serving.run import VerifierSpec, serve_http
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     spec = VerifierSpec(verifier, dtype=dtype, device=device,
                         render=RenderConfig(system_prompt=system_prompt, include_eos=include_eos),
                         max_batch_tokens=batch_tokens, max_length=max_length, threads=threads,
