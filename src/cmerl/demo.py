@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cmerl.judging import DecisionRule
-from cmerl.metrics import WinRate
+from cmerl.metrics import WinRate, format_pct
 from cmerl.models import check_available
 from cmerl.training import Echo, TrainConfig, apply_overrides, config_from_dict, finish, start, validate
 
@@ -283,15 +283,11 @@ def render_comparison(result: DemoResult):
 def render_head_to_head(h: HeadToHead) -> str:
     """Two lines: who judged, wins/ties/losses of the trained policy, and its win rate with the interval."""
     w = h.winrate
-
-    def pct(x: float | None) -> str:
-        return "n/a" if x is None else f"{100 * x:.0f}%"
-
     text = (f"head-to-head on {len(h.rows)} held-out prompts, judged by {h.judge} (both orders): trained vs "
             f"untrained wins {w.wins} / ties {w.ties} / losses {w.losses}")
     if w.errors:
         text += f" (errors excluded: {w.errors})"
-    text += (f"; win rate of the trained policy (ties count half) {pct(w.win_rate)} "
-             f"[{int(w.level * 100)}% bootstrap CI {pct(w.ci_low)}-{pct(w.ci_high)}]")
+    text += (f"; win rate of the trained policy (ties count half) {format_pct(w.win_rate, 0)} "
+             f"[{int(w.level * 100)}% bootstrap CI {format_pct(w.ci_low, 0)}-{format_pct(w.ci_high, 0)}]")
     return text + (f". {len(h.rows)} pairs and a weak, position-biased judge: an illustration, not a measurement "
                    "(use `cmerl eval` for one).")

@@ -201,9 +201,9 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def format_pct(x: float | None) -> str:
-    """A rate in [0, 1] as a percentage with one decimal (``0.4167`` → ``41.7%``); None → ``n/a``."""
-    return "n/a" if x is None else f"{100 * x:.1f}%"
+def format_pct(x: float | None, digits: int = 1) -> str:
+    """A rate in [0, 1] as a percentage with ``digits`` decimals (``0.4167`` → ``41.7%``); None → ``n/a``."""
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
 
 
 def format_signed(x: float | None) -> str:

@@ -382,7 +382,8 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
 def _from_pretrained(auto_cls, name: str, location: str, **kwargs):
     """``auto_cls.from_pretrained`` with an error that lists the accepted names when a hub id fails; a hub
     id loads from the local HF cache only when the hub is unreachable (:func:`hub_reachable`)."""
-    offline = resolve(name).kind == "hub" and not hub_reachable()
+    hub = resolve(name).kind == "hub"
+    offline = hub and not hub_reachable()
     if offline:
         kwargs["local_files_only"] = True
         if auto_cls.__name__.startswith("AutoModel"):  # its PEFT adapter lookup takes its own kwargs
@@ -391,7 +392,7 @@ def _from_pretrained(auto_cls, name: str, location: str, **kwargs):
         with _quiet_loading():
             return auto_cls.from_pretrained(location, **kwargs)
     except OSError as exc:
-        if resolve(name).kind != "hub":
+        if not hub:
             raise
         why = (f"the Hugging Face hub is unreachable from here and {name!r} is not in the local HF cache"
                if offline else f"the Hugging Face hub failed: {exc}")

@@ -11,6 +11,14 @@ app = typer.Typer(
 )
 
 
+def input_errors(*extra: type[Exception]) -> tuple[type[Exception], ...]:
+    """Exceptions that mean the user's input or setup is wrong (a missing file, a model that cannot be
+    loaded here, plus ``extra``): commands report them in one line instead of a traceback."""
+    from cmerl.models import ModelNotAvailableError
+
+    return (FileNotFoundError, ModelNotAvailableError, *extra)
+
+
 def _print_version(value: bool) -> None:
     if value:
         from cmerl import __version__

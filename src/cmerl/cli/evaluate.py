@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from cmerl.cli.app import app
+from cmerl.cli.app import app, input_errors
 
 # Judge options shared by judge, judge-check and eval.
 JUDGE = typer.Option(..., "--judge", "-j", help="Judge model: a cmerl model name (packaged alias, HF folder, "
@@ -46,9 +46,8 @@ def _judge_spec(judge, judge_url, judge_api, api_key_env, logprobs, template_fro
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by the user's input or setup: reported as one ``error:`` line, exit code 1."""
     from cmerl.judging import JudgeConnectionError
-    from cmerl.models import ModelNotAvailableError
 
-    return (ValueError, FileNotFoundError, ModelNotAvailableError, JudgeConnectionError)
+    return input_errors(ValueError, JudgeConnectionError)
 
 
 def _console():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cmerl.cli.app import app
+from cmerl.cli.app import app, input_errors
 from cmerl.formatting import as_messages
 
 
@@ -83,7 +83,6 @@ def score(
     from rich.markup import escape
 
     from cmerl.io import BadRow, append_jsonl, read_records, write_records
-    from cmerl.models import ModelNotAvailableError
     from cmerl.scoring import Verifier
 
     console = Console(stderr=True, soft_wrap=True)  # no line breaks inside paths
@@ -117,7 +116,7 @@ def score(
     if len(out) < len(pairs):
         try:
             v = Verifier.from_pretrained(verifier, dtype=dtype, max_batch_tokens=batch_tokens)
-        except (FileNotFoundError, ValueError, ModelNotAvailableError) as exc:
+        except input_errors(ValueError) as exc:
             console.print(f"[red]cannot load verifier {escape(repr(verifier))}: {escape(str(exc))}[/red]")
             raise typer.Exit(2) from None
         for start in range(len(out), len(pairs), CHUNK_ROWS):

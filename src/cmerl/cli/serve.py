@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cmerl.cli.app import app
+from cmerl.cli.app import app, input_errors
 
 
 @app.command()
@@ -71,13 +71,11 @@ def serve(
                   address=ray_address, replica_cpus=replica_cpus, replica_gpus=replica_gpus,
                   on_ready=lambda: console.print(f"cmerl reward service ({replicas} Ray replicas) on {url}"))
         return
-    from cmerl.models import ModelNotAvailableError
-
     console.print(f"loading verifier {verifier} ...")
     try:
         serve_http(spec, config, host=host, port=port, log_level=log_level,
                    on_ready=lambda v: console.print(f"cmerl reward service for {v.name} on {url} "
                                                     f"(batching {'on' if batching else 'off'}; Ctrl-C stops)"))
-    except (FileNotFoundError, ModelNotAvailableError) as exc:
+    except input_errors() as exc:
         console.print(f"[red]cannot load verifier {verifier!r}: {exc}[/red]")
         raise typer.Exit(1) from None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cmerl.cli.app import app
+from cmerl.cli.app import app, input_errors
 
 
 def _quiet_libraries() -> None:
@@ -21,14 +21,12 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
+def _user_errors() -> tuple[type[Exception], ...]:
     from cmerl.data import PromptDataError
-    from cmerl.models import ModelNotAvailableError
     from cmerl.rewards import SelfVerificationError
     from cmerl.training import ConfigError, RunDirExistsError
 
-    return (ConfigError, RunDirExistsError, FileNotFoundError, PromptDataError, SelfVerificationError,
-            ModelNotAvailableError)
+    return input_errors(ConfigError, RunDirExistsError, PromptDataError, SelfVerificationError)
 
 
 def _check_run(cfg, source, console, processes: int | None) -> None:

@@ -296,10 +296,9 @@ class Verifier:
                 self._share_ok = False
         return self._share_ok
 
-    def _hidden(self, items: list[_Prepared], prefix_len: int = 0, prefix_cache=None) -> torch.Tensor:
-        """Backbone hidden states (batch, width, hidden) of ``ids[prefix_len:]`` of each item, right-padded;
-        with a prefix, the cached prefix (batch of one) is repeated for the batch and attended to."""
-        device = self.model.device
+    def _padded(self, items: list[_Prepared], prefix_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)`` of ``ids[prefix_len:]`` of each item, right-padded: ids are
+        (batch, width); the mask is (batch, prefix_len + width), the shared prefix counted as attended."""
         width = max(len(p.ids) for p in items) - prefix_len
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(items), width), pad, dtype=torch.long)
@@ -308,6 +307,14 @@ class Verifier:
         for b, p in enumerate(items):
             input_ids[b, :len(p.ids) - prefix_len] = torch.tensor(p.ids[prefix_len:])
             mask[b, prefix_len:len(p.ids)] = 1
+        return input_ids, mask
+
+    def _hidden(self, items: list[_Prepared], prefix_len: int = 0, prefix_cache=None) -> torch.Tensor:
+        """Backbone hidden states (batch, width, hidden) of ``ids[prefix_len:]`` of each item, right-padded;
+        with a prefix, the cached prefix (batch of one) is repeated for the batch and attended to."""
+        device = self.model.device
+        input_ids, mask = self._padded(items, prefix_len)
+        width = input_ids.shape[1]
         backbone = self.model.get_decoder()
         if not prefix_len:
             return backbone(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state
@@ -334,13 +341,7 @@ class Verifier:
             h = hidden[row_idx, col_idx]  # (n_scored, hidden)
             stats, top = self._head_stats(h, tgt, entropy, self_certainty, top_k)
         else:  # the model's own forward: full (batch, length, vocab) logits, then the scored rows
-            width = max(len(p.ids) for p in items)
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            input_ids = torch.full((len(items), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(items), width), dtype=torch.long)
-            for b, p in enumerate(items):
-                input_ids[b, :len(p.ids)] = torch.tensor(p.ids)
-                mask[b, :len(p.ids)] = 1
+            input_ids, mask = self._padded(items)
             logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
             stats, top = self._head_stats(logits[row_idx, col_idx], tgt, entropy, self_certainty, top_k,
                                           projected=True)

@@ -245,16 +245,17 @@ class RemoteVerifier:
         return self.info.model if self.info is not None else None
 
     # ------------------------------------------------------------------ rendering (same code as local)
-    def render(self, prompt: Prompt, response: str) -> ScoreRequest:
+    def _local_tokenizer(self):
         if self.tokenizer is None:
             raise ValueError("this RemoteVerifier has no tokenizer (the server renders text pairs); "
                              "pass tokenizer= to render locally")
-        return render_request(self.tokenizer, self.render_config, prompt, response)
+        return self.tokenizer
+
+    def render(self, prompt: Prompt, response: str) -> ScoreRequest:
+        return render_request(self._local_tokenizer(), self.render_config, prompt, response)
 
     def render_all(self, prompts: Sequence[Prompt], responses: Sequence) -> list[ScoreRequest]:
-        if self.tokenizer is None:
-            self.render("", "")  # raises the no-tokenizer error
-        return render_requests(self.tokenizer, self.render_config, prompts, responses)
+        return render_requests(self._local_tokenizer(), self.render_config, prompts, responses)
 
     # ------------------------------------------------------------------ public scoring API
     def score(self, prompts: Sequence[Prompt], responses: Sequence, *, entropy: bool = False,

@@ -498,6 +498,8 @@ def grpo_args(cfg: TrainConfig, *, for_validation: bool = False):
 def describe_run(cfg: TrainConfig, *, processes: int = 1) -> str:
     """A few lines saying what a config will do (models, rewards, data, batch arithmetic, steps, outputs);
     loads nothing. ``processes``: the data-parallel world size (``accelerate launch --num_processes``)."""
+    from cmerl.data import source_kind
+
     trained = f"LoRA r={cfg.lora_r} (alpha {cfg.lora_alpha})" if cfg.lora else "all weights"
     rewards = []
     for name, w in zip(cfg.rewards, cfg.reward_weights or [1.0] * len(cfg.rewards)):
@@ -506,8 +508,6 @@ def describe_run(cfg: TrainConfig, *, processes: int = 1) -> str:
         rewards.append(f"{w:g} x {name}{source}")
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes
     generation = (f"vLLM ({cfg.vllm_mode})" if cfg.use_vllm else "transformers generate")
-    from cmerl.data import source_kind
-
     data = cfg.prompts + (f" (split {cfg.prompt_split})" if source_kind(cfg.prompts) == "hub" else "")
     limits = [f"prompts <= {cfg.max_prompt_length} tokens"]
     if cfg.max_prompts is not None:
