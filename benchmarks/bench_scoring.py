@@ -12,12 +12,14 @@ words. Both scorers use the same rendered token ids and the same model object:
   ``--against no-share-prefix`` (each response re-runs the prompt) or ``--against no-padding-limit``
   (``max_padding=1.0``: any length may join a batch).
 
-Prints scored response tokens per second for both, the speed ratio and the largest absolute difference of
+First it prints the machine's bf16 and fp32 GEMM rates (the probe of :mod:`cmerl.precision`) and the dtype
+``auto`` picks. Then, per dtype, scored response tokens per second for both scorers, the engine's achieved
+FLOP/s as a fraction of the faster GEMM rate, the speed ratio and the largest absolute difference of
 the per-pair mean log-probs (and each one's difference from the fp32 naive reference). The scorers
 alternate one prompt group (``--per-prompt`` pairs, like one GRPO reward call) at a time, so load from
 other processes on a shared machine affects both alike.
 
-    python benchmarks/bench_scoring.py                      # smollm2-135m-instruct, bf16 and fp32
+    python benchmarks/bench_scoring.py                      # smollm2-135m-instruct: auto, bf16 and fp32
     python benchmarks/bench_scoring.py --verifier qwen2.5-coder-0.5b-instruct --dtypes bfloat16
     python benchmarks/bench_scoring.py --dtypes bfloat16 --against no-share-prefix
 """
@@ -32,6 +34,7 @@ from importlib import resources
 
 import torch
 
+from cmerl.precision import PROBE_SHAPE, cpu_bf16_support, gemm_gflops, resolve_dtype
 from cmerl.scoring import ScoreRequest, Verifier
 
 
@@ -68,6 +71,25 @@ def naive_scores(model, requests: list[ScoreRequest]) -> list[float]:
             lp = logp[r.response_start - 1:-1].gather(-1, target[:, None]).squeeze(-1)
             out.append(float(lp.clamp_min(-20.0).mean()))
     return out
+
+
+def forward_flops(model, requests: list[ScoreRequest]) -> float:
+    """FLOPs of scoring ``requests`` one by one, counted from the model config: 2 x (parameters outside the
+    embeddings and head) x tokens, plus causal attention (QK^T and AV: 2 x layers x len^2 x attention width
+    per request), plus the output projection on response positions (2 x hidden x vocab per response token).
+    Prefix sharing does less work than this, so the engine's rate can read above what the chips compute."""
+    cfg = model.config
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    body = sum(p.numel() for p in model.parameters()) - embed.numel() - (0 if head is embed else head.numel())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    width = cfg.num_attention_heads * head_dim
+    flops = 0.0
+    for r in requests:
+        n = len(r.input_ids)
+        flops += 2.0 * body * n + 2.0 * cfg.num_hidden_layers * n * n * width
+        flops += 2.0 * head.shape[1] * head.shape[0] * r.n_response_tokens
+    return flops
 
 
 #: ``--against`` choices other than ``naive``: the engine option each one switches off.
@@ -115,13 +137,14 @@ def measure(args: argparse.Namespace, dtype: str, prompts: list[str], responses:
         engine_means += [s.mean_logprob for s in scores]
         naive += naive_group
     diff = max(abs(a - b) for a, b in zip(engine_means, naive))
-    return dtype, n_resp, n_all, t_engine, t_naive, diff, engine_means, naive
+    flops = forward_flops(v.model, requests)
+    return dtype, n_resp, n_all, t_engine, t_naive, diff, engine_means, naive, flops
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--verifier", default="smollm2-135m-instruct")
-    ap.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated: bfloat16, float32")
+    ap.add_argument("--dtypes", default="auto,bfloat16,float32", help="comma-separated: auto, bfloat16, float32")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--per-prompt", type=int, default=8)
     ap.add_argument("--max-words", type=int, default=120, help="responses are cut to this many words")
@@ -138,6 +161,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    support = cpu_bf16_support()
+    bf16_rate, fp32_rate = gemm_gflops(torch.bfloat16), gemm_gflops(torch.float32)
+    peak = max(bf16_rate, fp32_rate)
+    print(f"GEMM {PROBE_SHAPE[0]}x{PROBE_SHAPE[1]}->{PROBE_SHAPE[2]}: bf16 {bf16_rate:.1f} GFLOP/s, fp32 "
+          f"{fp32_rate:.1f} GFLOP/s (bf16/fp32 {bf16_rate / fp32_rate:.2f}x); oneDNN bf16 query {support.api}; "
+          f"auto picks {resolve_dtype('auto')}")
     prompts, responses = load_pairs(args.prompts, args.per_prompt, args.max_words, args.seed)
     print(f"verifier {args.verifier}; {len(prompts)} pairs ({args.prompts} prompts x {args.per_prompt} "
           f"responses, <= {args.max_words} words); engine vs {args.against}; torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -148,12 +177,16 @@ def main() -> None:
         del ref
     for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
         row = measure(args, dtype, prompts, responses)
-        dtype, n_resp, _, t_engine, t_naive, diff, _, naive = row
+        dtype, n_resp, _, t_engine, t_naive, diff, _, naive, flops = row
+        if dtype == "auto":
+            dtype = f"auto={resolve_dtype('auto').name}"
+            row = (dtype, *row[1:])
         if dtype in ("float32", "fp32") and args.against == "naive":
             fp32_naive = naive
         rows.append(row)
-        print(f"  {dtype}: engine {n_resp / t_engine:8.1f} response tok/s ({t_engine:.2f} s)   {args.against} "
-              f"{n_resp / t_naive:8.1f} tok/s ({t_naive:.2f} s)   ratio {t_naive / t_engine:.2f}x   "
+        print(f"  {dtype}: engine {n_resp / t_engine:8.1f} response tok/s ({t_engine:.2f} s, "
+              f"{flops / t_engine / 1e9:.1f} GFLOP/s = {flops / t_engine / 1e9 / peak:.0%} of the faster GEMM)   "
+              f"{args.against} {n_resp / t_naive:8.1f} tok/s ({t_naive:.2f} s)   ratio {t_naive / t_engine:.2f}x   "
               f"max |d mean logprob| {diff:.2e}", flush=True)
 
     def vs32(means: list[float]) -> str:
@@ -164,11 +197,14 @@ def main() -> None:
         return f"{max(d):.2e} / {sum(d) / len(d):.2e}"
 
     b = args.against
-    print(f"\n| dtype | response tokens (all tokens) | engine tok/s | {b} tok/s | speed-up | max abs diff of "
+    print(f"\n| dtype | response tokens (all tokens) | engine tok/s | engine GFLOP/s (of faster GEMM) | {b} tok/s "
+          f"| speed-up | max abs diff of "
           f"mean log-prob, engine vs {b} | engine vs fp32 naive (max / mean) | {b} vs fp32 naive (max / mean) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for dtype, n_resp, n_all, t_e, t_n, diff, means, naive in rows:
-        print(f"| {dtype} | {n_resp} ({n_all}) | {n_resp / t_e:.1f} | {n_resp / t_n:.1f} | {t_n / t_e:.2f}x | "
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dtype, n_resp, n_all, t_e, t_n, diff, means, naive, flops in rows:
+        rate = flops / t_e / 1e9
+        print(f"| {dtype} | {n_resp} ({n_all}) | {n_resp / t_e:.1f} | {rate:.1f} ({rate / peak:.0%}) | "
+              f"{n_resp / t_n:.1f} | {t_n / t_e:.2f}x | "
               f"{diff:.2e} | {vs32(means)} | {vs32(naive)} |")
 
 

@@ -23,6 +23,7 @@ from cmerl.models import (
     model_identity,
     parse_dtype,
     resolve,
+    resolve_dtype,
 )
 from cmerl.testing import tiny_for_tokenizer, write_tiny_gguf
 
@@ -85,7 +86,7 @@ def test_parse_dtype():
 # ---------------------------------------------------------------------------------------------- loading
 def test_load_local_folder_matches_saved_model(tiny_folder):
     folder, original = tiny_folder
-    model, tok = load_model(str(folder))
+    model, tok = load_model(str(folder), dtype="float32")
     ids = torch.tensor([tok("Hello there, how are you?")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, original(ids).logits)
@@ -93,6 +94,8 @@ def test_load_local_folder_matches_saved_model(tiny_folder):
     assert model_identity(model) == resolve(str(folder)).identity
     bf16, _ = load_model(str(folder), dtype="bfloat16")
     assert next(bf16.parameters()).dtype == torch.bfloat16
+    auto, _ = load_model(str(folder))  # the default: what dtype auto picks on this machine
+    assert next(auto.parameters()).dtype == auto.cmerl_dtype.dtype == resolve_dtype("auto").dtype
 
 
 def test_model_identity_is_the_same_for_a_name_and_a_model_loaded_from_it(tiny_folder):

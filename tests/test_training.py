@@ -331,15 +331,30 @@ def test_resume_continues_at_the_right_step_with_the_same_data(three_step_run, t
                                            report_to=["tensorboard"]))
     training.train(ref_cfg)
     reference = metric_rows(ref_cfg.output_dir)
+    # What resuming guarantees: the same data order, the same sampled completions, the same rewards, and
+    # weights that equal the uninterrupted run's up to float32 rounding. (The logged GRPO loss is a sum of
+    # advantages that cancel to ~1e-5; its rounding depends on the CPU's summation order, so it is not
+    # compared.)
     for a, b in zip(resumed, reference):
-        assert a["reward"] == pytest.approx(b["reward"], abs=1e-5), a["step"]
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
+        assert a["reward"] == pytest.approx(b["reward"], rel=1e-4, abs=1e-5), a["step"]
     import pandas as pd
+    from safetensors.torch import load_file
 
-    for step in (4, 5):  # same prompts, same sampled completions after the resume
+    for step in (4, 5):
         name = f"completions/completions_{step:05d}.parquet"
         a, b = pd.read_parquet(resumed_dir / name), pd.read_parquet(Path(ref_cfg.output_dir) / name)
-        assert list(a["completion"]) == list(b["completion"])
+        assert list(a["prompt"]) == list(b["prompt"]) and list(a["completion"]) == list(b["completion"])
+    start = load_file(str(policy / "model.safetensors"))
+    ref_w = load_file(str(Path(ref_cfg.output_dir) / "final" / "model.safetensors"))
+    res_w = load_file(str(resumed_dir / "final" / "model.safetensors"))
+    assert ref_w.keys() == res_w.keys()
+    moved = sum(float((ref_w[k].double() - start[k].double()).abs().sum()) for k in ref_w if k in start)
+    apart = sum(float((ref_w[k].double() - res_w[k].double()).abs().sum()) for k in ref_w)
+    assert moved > 0
+    # Each Adam step moves a weight by about lr whatever the gradient's size; rounding-level gradient
+    # differences move it by a tiny fraction of that. A resume that changed the data or the optimizer state
+    # differs by the same order as the training moved the weights (ratio ~1).
+    assert apart <= 1e-3 * moved, (apart, moved)
 
 
 def test_sigkilled_run_resumes_and_never_loads_a_partial_checkpoint(tmp_path, models):

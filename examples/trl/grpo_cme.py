@@ -30,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
 
     policy, tokenizer = load_model(args.policy)  # float32: trained
-    verifier = Verifier.from_pretrained(args.verifier, dtype="bfloat16")  # frozen
+    verifier = Verifier.from_pretrained(args.verifier)  # frozen; dtype auto: bf16 only where native
     cme = CrossModelEntropy(verifier, policy=policy)  # refuses a verifier that is the policy itself
 
     # Short bundled UltraFeedback prompts, in TRL's conversational format.

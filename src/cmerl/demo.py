@@ -19,9 +19,10 @@ from cmerl.metrics import WinRate, format_pct
 from cmerl.models import check_available
 from cmerl.training import Echo, TrainConfig, apply_overrides, config_from_dict, finish, start, validate
 
-#: The head-to-head judge: the best packaged judge (docs/evaluation.md, /work/shared/MODELS.md), in bf16.
+#: The head-to-head judge: the best packaged judge (docs/evaluation.md, /work/shared/MODELS.md); dtype auto
+#: (bf16 where the CPU runs it natively, else fp32: emulated bf16 is 4-7x slower).
 DEMO_JUDGE = "qwen2.5-coder-1.5b-instruct"
-DEMO_JUDGE_DTYPE = "bfloat16"
+DEMO_JUDGE_DTYPE = "auto"
 SAMPLES_NAME = "demo_samples.json"
 VERDICTS_NAME = "demo_verdicts.jsonl"
 
@@ -29,7 +30,7 @@ VERDICTS_NAME = "demo_verdicts.jsonl"
 DEMO_SETTINGS: dict = {
     "policy": "smollm2-135m-instruct",
     "verifiers": ["qwen2.5-coder-0.5b-instruct"],
-    "verifier_dtype": "bfloat16",
+    "verifier_dtype": "auto",
     "rewards": ["cme"],
     "prompts": "ultrafeedback",
     "max_prompt_length": 96,
@@ -194,8 +195,9 @@ def run_demo(cfg: TrainConfig, *, judge: str | None = DEMO_JUDGE, judge_dtype: s
         from cmerl.judging import LocalJudge
 
         gc.collect()
-        say(f"head-to-head: loading judge {judge} ({judge_dtype}) after freeing the policy and verifier ...")
+        say(f"head-to-head: loading judge {judge} after freeing the policy and verifier ...")
         lj = LocalJudge.from_pretrained(judge, dtype=judge_dtype)
+        say(f"judge {judge}: {lj.model.cmerl_dtype}")
         try:
             say(f"judging {len(instructions)} held-out pairs (after vs before), both orders ...")
             out.head_to_head = head_to_head(

@@ -56,10 +56,10 @@ PACKAGED_AGREEMENT: dict[str, dict] = {
     key: {"judge": judge, "agreement": agr, "ci_low": lo, "ci_high": hi, "n": 80, "consistency": cons,
           "length_baseline": 0.725, "measured": "2026-11-24", "source": "packaged judge-check, benchmarks/RESULTS.md"}
     for key, judge, agr, lo, hi, cons in [
-        ("e7513b5fe28dd897", "qwen2.5-coder-1.5b-instruct", 0.66875, 0.575, 0.7625, 0.6125),
-        ("f0197ba5d607975d", "qwen2.5-coder-0.5b-instruct", 0.53125, 0.45, 0.60625, 0.05),
-        ("c881759fe48ca141", "smollm2-135m-instruct", 0.5375, 0.475, 0.6, 0.05),
-        ("b280c053d136fcdc", "gemma-3-270m", 0.48125, 0.4125, 0.55, 0.0),
+        ("47167bee90e4f6d6", "qwen2.5-coder-1.5b-instruct", 0.66875, 0.575, 0.7625, 0.6125),
+        ("2c0361a3e91f886d", "qwen2.5-coder-0.5b-instruct", 0.53125, 0.45, 0.60625, 0.05),
+        ("9831ada898a259e8", "smollm2-135m-instruct", 0.5375, 0.475, 0.6, 0.05),
+        ("d2c59df7f6b547b5", "gemma-3-270m", 0.48125, 0.4125, 0.55, 0.0),
     ]
 }
 

@@ -107,7 +107,8 @@ class GenerationConfig:
 
     temperature 0 means greedy decoding (the default; ``top_p`` and ``seed`` then play no part).
     ``seed`` seeds each batch with ``seed + index of its first prompt``, so sampled outputs do not
-    depend on how a run was interrupted. ``dtype`` is the weights' dtype while generating.
+    depend on how a run was interrupted. ``dtype`` is the weights' dtype setting while generating (``auto``:
+see :mod:`cmerl.precision`); each row also records the dtype it was generated in (``weights_dtype``).
     """
 
     max_new_tokens: int = 512
@@ -115,7 +116,7 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 8
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     system_prompt: str | None = None
 
     def __post_init__(self) -> None:
@@ -161,7 +162,7 @@ def resolve_trained_model(path: str | Path) -> Path:
                             "final/, model/ or checkpoint-*/")
 
 
-def load_generator(name: str, *, dtype: str = "bfloat16"):
+def load_generator(name: str, *, dtype: str = "auto"):
     """``(model, tokenizer)`` for a model name (see :mod:`cmerl.models`) or a training output folder
     (merged weights, or a PEFT adapter whose base is loaded and merged)."""
     from cmerl.models import load_model, load_tokenizer
@@ -176,13 +177,13 @@ def load_generator(name: str, *, dtype: str = "bfloat16"):
         base = base.split(":", 1)[1] if base.split(":", 1)[0] in ("packaged", "folder", "gguf", "hub") else base
         if not base:
             raise ValueError(f"{p}/adapter_config.json names no base_model_name_or_path")
-        model, tok = load_model(base, dtype=dtype)
+        model, tok = load_model(base, dtype=dtype, role="generator")
         model = PeftModel.from_pretrained(model, str(p)).merge_and_unload()
         model.eval()
         if (p / "tokenizer_config.json").is_file():
             tok = load_tokenizer(str(p)) if (p / "config.json").is_file() else tok
         return model, tok
-    return load_model(str(p) if p.is_dir() else name, dtype=dtype)
+    return load_model(str(p) if p.is_dir() else name, dtype=dtype, role="generator")
 
 
 # --------------------------------------------------------------------------- generation
@@ -240,6 +241,7 @@ def generate_outputs(model, tokenizer, items: Sequence[PromptItem], output: str 
     encoded = {it.index: _encode_prompt(tokenizer, it.instruction, render, chat) for it in todo}
     todo.sort(key=lambda it: -len(encoded[it.index]))  # longest first: the first batch shows the peak
     stops = _stop_ids(tokenizer, render)
+    weights_dtype = str(getattr(model, "dtype", "unknown")).removeprefix("torch.")  # what auto chose here
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
@@ -251,7 +253,8 @@ def generate_outputs(model, tokenizer, items: Sequence[PromptItem], output: str 
             texts = _generate_batch(model, tokenizer, [encoded[it.index] for it in batch], config, stops, chat,
                                     seed=config.seed + min(it.index for it in batch))
             rows = [{"instruction": it.instruction, "output": text, "generator": generator, "dataset": it.dataset,
-                     "index": it.index, "finish_reason": reason, "n_tokens": n, "generation": settings}
+                     "index": it.index, "finish_reason": reason, "n_tokens": n, "generation": settings,
+                     "weights_dtype": weights_dtype}
                     for it, (text, reason, n) in zip(batch, texts)]
             append_jsonl(side, rows)
             done.update({r["index"]: r for r in rows})

@@ -242,11 +242,13 @@ class LocalJudge:
         self._head_fp32: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @classmethod
-    def from_pretrained(cls, name: str, *, dtype: str = "bfloat16", **kwargs) -> LocalJudge:
-        """Load a judge by model name (packaged alias, HF folder, .gguf, hub id); bf16 by default."""
+    def from_pretrained(cls, name: str, *, dtype: str = "auto", **kwargs) -> LocalJudge:
+        """Load a judge by model name (packaged alias, HF folder, .gguf, hub id). ``dtype`` ``auto``: bf16
+        where the hardware runs it natively, else fp32 (:mod:`cmerl.precision`); the settings record the
+        setting as given, so a run resumed on another kind of CPU under ``auto`` is not refused."""
         from cmerl.models import load_model
 
-        model, tok = load_model(name, dtype=dtype)
+        model, tok = load_model(name, dtype=dtype, role="judge")
         for p in model.parameters():
             p.requires_grad_(False)
         return cls(model, tok, name=name, dtype=dtype, **kwargs)
@@ -666,8 +668,13 @@ def judge_pairs(judge: Judge, pairs: Sequence[Pair], rule: DecisionRule = Decisi
 
 
 def judge_key(header: dict) -> str:
-    """A short key for a judge setup (name, settings, decision rule, prompt), to look up its agreement."""
-    blob = json.dumps([header["judge"], header.get("decision"), header["prompt"]["sha256"]], sort_keys=True)
+    """A short key for a judge setup (name, settings, decision rule, prompt), to look up its agreement.
+
+    The weights' dtype is left out: ``auto`` picks bf16 or fp32 by hardware, which moves log-probs by
+    rounding only, and a measured agreement belongs to the model, prompt and rule."""
+    judge = dict(header["judge"])
+    judge["settings"] = {k: v for k, v in (judge.get("settings") or {}).items() if k != "dtype"}
+    blob = json.dumps([judge, header.get("decision"), header["prompt"]["sha256"]], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -685,7 +692,7 @@ class JudgeSpec:
     api_key_env: str | None = None
     logprobs: bool = True
     top_logprobs: int = 5
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     max_response_chars: int = DEFAULT_MAX_RESPONSE_CHARS
     max_batch_tokens: int = 8192
     template_tokenizer: str | None = None

@@ -23,6 +23,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import socket
@@ -34,15 +35,9 @@ from typing import Literal
 
 import torch
 
-DTypeName = Literal["float32", "bfloat16", "float16"]
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+from cmerl.precision import AUTO, parse_dtype, resolve_dtype  # noqa: F401  (parse_dtype re-exported)
+
+logger = logging.getLogger("cmerl")
 
 
 @dataclass(frozen=True)
@@ -119,16 +114,6 @@ class ModelSource:
     def identity(self) -> str:
         """A string equal for two names that mean the same weights (used by the independence guard)."""
         return f"{self.kind}:{self.location}"
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"bfloat16"``/``"bf16"``/``torch.bfloat16`` → ``torch.bfloat16`` etc.; unknown names raise."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16") from None
 
 
 def cache_dir() -> Path:
@@ -326,14 +311,21 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_model(name: str, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               show_progress: bool = False):
-    """Load ``(model, tokenizer)`` for a model name (see module docstring). The model is in eval mode."""
+def load_model(name: str, *, dtype: str | torch.dtype = AUTO, device: str = "cpu", trained: bool = False,
+               role: str = "model", show_progress: bool = False):
+    """Load ``(model, tokenizer)`` for a model name (see module docstring). The model is in eval mode.
+
+    ``dtype``: ``"auto"`` (see :mod:`cmerl.precision`: bf16 where the hardware runs it natively, else fp32;
+    ``trained`` models stay fp32 on CPU) or a dtype name. The choice is logged on one line to the ``cmerl``
+    logger as ``<role> <name>: <dtype> (<why>)`` (the CLI prints it) and kept as ``model.cmerl_dtype``, a
+    :class:`~cmerl.precision.DtypeChoice`. Every dtype loads from the same cached fp32 GGUF conversion."""
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = parse_dtype(dtype)
+    choice = resolve_dtype(dtype, device=device, trained=trained)
     folder = local_folder(name, show_progress=show_progress)
-    model = _from_pretrained(AutoModelForCausalLM, name, folder, dtype=torch_dtype)
+    model = _from_pretrained(AutoModelForCausalLM, name, folder, dtype=choice.dtype)
+    model.cmerl_dtype = choice
+    logger.info("%s %s: %s", role, name, choice)
     model.to(device)
     model.eval()
     model.config._name_or_path = resolve(name).identity

@@ -1,5 +1,8 @@
 """The typer app object shared by the command modules."""
 
+import logging
+import sys
+
 import typer
 
 app = typer.Typer(
@@ -19,6 +22,23 @@ def input_errors(*extra: type[Exception]) -> tuple[type[Exception], ...]:
     return (FileNotFoundError, ModelNotAvailableError, *extra)
 
 
+def _check_dtype(value: str) -> str:
+    from cmerl.precision import check_dtype_name
+
+    try:
+        return check_dtype_name(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def dtype_option(what: str, *names: str):
+    """The ``--dtype`` option of every command that loads a model: ``auto`` by default, checked at parse
+    time (a bad name is a one-line usage error)."""
+    return typer.Option("auto", *names, callback=_check_dtype, help=(
+        f"{what} dtype: auto (bfloat16 where the CPU/GPU runs it natively, else float32; the choice is "
+        "printed), float32, bfloat16 or float16."))
+
+
 def _print_version(value: bool) -> None:
     if value:
         from cmerl import __version__
@@ -33,3 +53,16 @@ def main(
                                  help="Print the cmerl version and exit."),
 ) -> None:
     """Label-free RL with Cross-Model Entropy rewards."""
+    show_library_log()
+
+
+def show_library_log() -> None:
+    """Print the library's one-line notices (``cmerl`` logger, INFO: e.g. which dtype a model loaded in and
+    why) on stderr. Library calls stay quiet unless the caller configures logging; commands are not."""
+    log = logging.getLogger("cmerl")
+    if not any(getattr(h, "cmerl_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.cmerl_cli = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from cmerl.cli.app import app, input_errors
+from cmerl.cli.app import app, dtype_option, input_errors
 
 # Judge options shared by judge, judge-check and eval.
 JUDGE = typer.Option(..., "--judge", "-j", help="Judge model: a cmerl model name (packaged alias, HF folder, "
@@ -21,7 +21,7 @@ LOGPROBS = typer.Option(True, "--logprobs/--no-logprobs", help="Endpoint judges:
                         "the choice-token probabilities) or parse the text verdict only.")
 TEMPLATE_FROM = typer.Option(None, "--template-from", help="Completions API: render the prompt with this "
                              "model's chat template (a cmerl model name).")
-JUDGE_DTYPE = typer.Option("bfloat16", "--judge-dtype", help="Local judge weights dtype.")
+JUDGE_DTYPE = dtype_option("Local judge weights", "--judge-dtype")
 MAX_CHARS = typer.Option(3000, "--max-response-chars", help="Responses longer than this are cut (marked) "
                          "before judging; 0 keeps them whole.")
 THRESHOLD = typer.Option(0.2, "--threshold", help="Log-prob judges: a pair whose margin summed over both "
@@ -77,7 +77,7 @@ def generate(
     top_p: float = typer.Option(1.0, help="Nucleus sampling (only when sampling)."),
     seed: int = typer.Option(0, help="Sampling seed (each batch: seed + index of its first prompt)."),
     batch_size: int = typer.Option(8, help="Prompts per batch (left-padded)."),
-    dtype: str = typer.Option("bfloat16", help="Weights dtype while generating."),
+    dtype: str = dtype_option("Weights (while generating)"),
     system_prompt: str = typer.Option(None, help="System turn for chat templates (default: none)."),
     generator: str = typer.Option(None, help="Name written in the 'generator' field (default: the model name)."),
 ) -> None:
@@ -190,7 +190,7 @@ def reward_check(
                                  "rejected answers) or 'off-topic' (another prompt's chosen answer: does the "
                                  "reward depend on the prompt?)."),
     signals: str = typer.Option("mean_logprob,sum_logprob,neg_entropy", help="Comma-separated signals."),
-    dtype: str = typer.Option("bfloat16", help="Verifier weights dtype."),
+    dtype: str = dtype_option("Verifier weights"),
     batch_tokens: int = typer.Option(4096, help="Token budget of one scoring batch."),
     output: Path = typer.Option(None, "--output", "-o", help="Write the result as JSON here."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
@@ -252,7 +252,7 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(512, help="Most tokens generated per prompt."),
     temperature: float = typer.Option(0.0, help="0 = greedy (default)."),
     batch_size: int = typer.Option(8, help="Prompts per generation batch."),
-    dtype: str = typer.Option("bfloat16", help="Weights dtype while generating."),
+    dtype: str = dtype_option("Weights (while generating)"),
     system_prompt: str = typer.Option(None, help="System turn for both models (e.g. the one used in training)."),
     seed: int = typer.Option(0, help="Sampling and bootstrap seed."),
 ) -> None:

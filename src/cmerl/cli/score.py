@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cmerl.cli.app import app, input_errors
+from cmerl.cli.app import app, dtype_option, input_errors
 from cmerl.formatting import as_messages
 
 
@@ -70,7 +70,7 @@ def score(
     verifier: str = typer.Option(..., "--verifier", "-v", help="Model name: packaged alias, HF folder, .gguf, hub id."),
     input: Path = typer.Option(..., "--input", "-i", help="JSONL or JSON rows with prompt/response (or instruction/output)."),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the rows plus scores (.jsonl or .json); rerun to resume."),
-    dtype: str = typer.Option("bfloat16", help="Verifier weights dtype: bfloat16 or float32."),
+    dtype: str = dtype_option("Verifier weights"),
     entropy: bool = typer.Option(False, help="Also compute the verifier's mean entropy at response positions."),
     tokens: bool = typer.Option(False, help="Include per-token log-probs in the output."),
     batch_tokens: int = typer.Option(4096, help="Token budget of one forward batch."),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cmerl.cli.app import app, input_errors
+from cmerl.cli.app import app, dtype_option, input_errors
 
 
 @app.command()
@@ -12,7 +12,7 @@ def serve(
     verifier: str = typer.Option(..., "--verifier", "-v", help="Model name: packaged alias, HF folder, .gguf, hub id."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 exposes the service to the network)."),
     port: int = typer.Option(8000, help="TCP port."),
-    dtype: str = typer.Option("bfloat16", help="Verifier weights dtype: bfloat16 or float32."),
+    dtype: str = dtype_option("Verifier weights"),
     device: str = typer.Option("cpu", help="Torch device of the verifier (cpu, cuda, cuda:1, ...)."),
     system_prompt: str = typer.Option(None, help="System turn used when rendering text pairs."),
     include_eos: bool = typer.Option(False, help="Also score the verifier's end-of-turn token."),

@@ -99,7 +99,7 @@ def demo(
     config: Path = typer.Option(None, "--config", "-c", help="Use this config instead of the built-in demo config."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a config key: key=value (repeatable)."),
     no_judge: bool = typer.Option(False, "--no-judge", help="Skip the head-to-head judging (saves about a minute)."),
-    judge: str = typer.Option(None, "--judge", help="Judge model for the head-to-head (default: qwen2.5-coder-1.5b-instruct, bf16)."),
+    judge: str = typer.Option(None, "--judge", help="Judge model for the head-to-head (default: qwen2.5-coder-1.5b-instruct, dtype auto)."),
 ) -> None:
     """Train SmolLM2-135M-Instruct on CME from a Qwen2.5-Coder verifier for a few steps, then show
     before/after completions on held-out prompts with their CME scores and a judged head-to-head."""

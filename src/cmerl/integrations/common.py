@@ -7,7 +7,7 @@ Resolution order (first match wins):
    pairs are sent as text to a cmerl server, which renders them. ``$CMERL_PROTOCOL`` picks the protocol
    (``auto`` by default; ``openai`` for a plain ``vllm serve``, which needs the tokenizer).
 2. ``verifier`` argument, else ``$CMERL_VERIFIER``: a local :class:`~cmerl.scoring.Verifier` loaded once per
-   process (dtype from ``$CMERL_DTYPE``, default bfloat16).
+   process (dtype from ``$CMERL_DTYPE``, default auto: bf16 where the hardware runs it natively, else fp32).
 
 Scorers are cached per process by their settings, so per-sample reward calls reuse one client or model.
 """
@@ -52,7 +52,7 @@ def get_scorer(*, server_url: str | None = None, verifier: str | None = None, to
             return _CACHE[key]
     name = verifier or os.environ.get(ENV_VERIFIER) or None
     if name:
-        dt = dtype or os.environ.get(ENV_DTYPE) or "bfloat16"
+        dt = dtype or os.environ.get(ENV_DTYPE) or "auto"
         key = ("local", name, dt, render)
         with _LOCK:
             if key not in _CACHE:

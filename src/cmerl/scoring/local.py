@@ -154,11 +154,13 @@ class Verifier:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, name: str, *, dtype: str = "bfloat16", device: str = "cpu", **kwargs) -> Verifier:
-        """Load a verifier by model name (packaged alias, folder, .gguf, hub id); bf16 by default."""
+    def from_pretrained(cls, name: str, *, dtype: str = "auto", device: str = "cpu", **kwargs) -> Verifier:
+        """Load a verifier by model name (packaged alias, folder, .gguf, hub id). ``dtype`` ``auto``: bf16
+        where the hardware runs it natively, else fp32 (:mod:`cmerl.precision`); the choice is logged and
+        kept as ``model.cmerl_dtype``."""
         from cmerl.models import load_model
 
-        model, tok = load_model(name, dtype=dtype, device=device)
+        model, tok = load_model(name, dtype=dtype, device=device, role="verifier")
         for p in model.parameters():
             p.requires_grad_(False)
         v = cls(model, tok, name=kwargs.pop("name", name), **kwargs)

@@ -17,7 +17,7 @@ class VerifierSpec:
     """
 
     name: str
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     device: str = "cpu"
     render: RenderConfig = field(default_factory=RenderConfig)
     max_batch_tokens: int = 4096

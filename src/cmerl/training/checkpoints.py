@@ -19,6 +19,7 @@ from cmerl.training.config import (
     RUN_CARD_NAME,
     TrainConfig,
     config_to_yaml,
+    resolved_dtypes,
 )
 
 
@@ -142,14 +143,16 @@ def write_run_card(folder: Path, cfg: TrainConfig, log_history: Sequence[dict], 
         "completions/mean_length", "diagnostics/distinct_2", "diagnostics/repeated_4gram_share"]
     shown = rows if len(rows) <= 25 else [rows[round(i * (len(rows) - 1) / 24)] for i in range(25)]
     tuning = f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha}" if cfg.lora else "full fine-tune"
+    dtypes = resolved_dtypes(cfg)
     weights = cfg.reward_weights or [1.0] * len(cfg.rewards)
     reward_desc = " + ".join(f"{w:g} x {r}" for w, r in zip(weights, cfg.rewards))
     lines = [
         f"# cmerl GRPO run card: {Path(cfg.output_dir).name}, step {step}",
         "",
-        f"- policy: `{cfg.policy}` ({tuning}, {cfg.policy_dtype})",
+        f"- policy: `{cfg.policy}` ({tuning}; dtype {cfg.policy_dtype}: {dtypes['policy']})",
         f"- reward: {reward_desc}"
-        + (f"; cme = {cfg.cme_signal} under {', '.join(f'`{v}`' for v in cfg.verifiers)}" if "cme" in cfg.rewards else "")
+        + (f"; cme = {cfg.cme_signal} under {', '.join(f'`{v}`' for v in cfg.verifiers)} (dtype "
+           f"{cfg.verifier_dtype}: {dtypes['verifier']})" if "cme" in cfg.rewards else "")
         + (f"; baselines scored by the {cfg.baseline_scorer} policy" if set(cfg.rewards) - {"cme"} else ""),
         "- repetition guard: " + (f"reward {cfg.repetition_floor:g} when >{cfg.repetition_max_share:g} of "
                                     f"{cfg.repetition_ngram}-grams repeat" if cfg.repetition_guard else "off"),

@@ -41,8 +41,9 @@ class TrainConfig:
     # --- models
     policy: str = field(default="smollm2-135m-instruct", metadata=_h(
         "Policy model to train: packaged alias, local HF folder, .gguf file or Hugging Face hub id."))
-    policy_dtype: str = field(default="float32", metadata=_h(
-        "Dtype of the policy weights: float32 (CPU) or bfloat16 (GPUs; then also set bf16: true)."))
+    policy_dtype: str = field(default="auto", metadata=_h(
+        "Dtype of the policy weights: auto (float32 on CPU; bfloat16 on GPUs that have it, then also set "
+        "bf16: true), float32 or bfloat16."))
     lora: bool = field(default=False, metadata=_h(
         "Train LoRA adapters (PEFT) instead of all weights; final/ holds the merged model."))
     lora_r: int = field(default=16, metadata=_h("LoRA rank."))
@@ -53,8 +54,9 @@ class TrainConfig:
     verifiers: list[str] = field(default_factory=lambda: ["qwen2.5-coder-0.5b-instruct"], metadata=_h(
         "Frozen verifier model(s) for the cme reward (several are averaged): model names, or http(s) URLs of "
         "a verifier server (remote scoring, cmerl.scoring.remote)."))
-    verifier_dtype: str = field(default="bfloat16", metadata=_h(
-        "Dtype of local verifier weights (bfloat16 is ~2.5x faster on CPUs with AVX512-BF16)."))
+    verifier_dtype: str = field(default="auto", metadata=_h(
+        "Dtype of local verifier weights: auto (bfloat16 where the CPU/GPU runs it natively, ~2.5x faster on "
+        "CPUs with AVX512-BF16; else float32, since emulated bf16 is 4-7x slower), float32 or bfloat16."))
     verifier_batch_tokens: int = field(default=4096, metadata=_h(
         "Token budget of one verifier forward batch (rows x padded length)."))
     verifier_device: str | None = field(default=None, metadata=_h(
@@ -397,11 +399,11 @@ def validate(cfg: TrainConfig, *, source: str = "<config>") -> None:
                 if not is_remote(v) and model_identity(v) == policy_id:
                     raise bad("verifiers", f"verifier {v!r} is the policy model {cfg.policy!r}; CME needs an "
                               "independent verifier (set allow_self_verification: true for the ablation)")
-    for key in ("policy_dtype", "verifier_dtype"):
-        from cmerl.models import parse_dtype
+    from cmerl.precision import check_dtype_name  # torch: kept out of this module's import
 
+    for key in ("policy_dtype", "verifier_dtype"):
         try:
-            parse_dtype(getattr(cfg, key))
+            setattr(cfg, key, check_dtype_name(getattr(cfg, key)))
         except ValueError as exc:
             raise bad(key, str(exc)) from None
     for key in ("num_generations", "max_completion_length", "max_steps", "per_device_train_batch_size",
@@ -495,15 +497,29 @@ def grpo_args(cfg: TrainConfig, *, for_validation: bool = False):
     return GRPOConfig(**kwargs)
 
 
+def resolved_dtypes(cfg: TrainConfig) -> dict[str, str]:
+    """What ``policy_dtype`` and ``verifier_dtype`` resolve to on this machine, as printed lines
+    (``float32 (trained weights on CPU)``); explicit values are shown as requested. Loads no model."""
+    import torch
+
+    from cmerl.precision import resolve_dtype
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"policy": str(resolve_dtype(cfg.policy_dtype, device=device, trained=True)),
+            "verifier": str(resolve_dtype(cfg.verifier_dtype, device=cfg.verifier_device or device))}
+
+
 def describe_run(cfg: TrainConfig, *, processes: int = 1) -> str:
     """A few lines saying what a config will do (models, rewards, data, batch arithmetic, steps, outputs);
     loads nothing. ``processes``: the data-parallel world size (``accelerate launch --num_processes``)."""
     from cmerl.data import source_kind
 
     trained = f"LoRA r={cfg.lora_r} (alpha {cfg.lora_alpha})" if cfg.lora else "all weights"
+    dtypes = resolved_dtypes(cfg)
     rewards = []
     for name, w in zip(cfg.rewards, cfg.reward_weights or [1.0] * len(cfg.rewards)):
-        source = (f" from {', '.join(cfg.verifiers)} ({cfg.cme_signal}, {cfg.verifier_dtype})" if name == "cme"
+        source = (f" from {', '.join(cfg.verifiers)} ({cfg.cme_signal}, {cfg.verifier_dtype}: {dtypes['verifier']})"
+                  if name == "cme"
                   else " from the policy itself")
         rewards.append(f"{w:g} x {name}{source}")
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes
@@ -515,7 +531,7 @@ def describe_run(cfg: TrainConfig, *, processes: int = 1) -> str:
     if cfg.heldout_prompts:
         limits.append(f"{cfg.heldout_prompts} held out")
     return "\n".join([
-        f"policy     {cfg.policy} ({cfg.policy_dtype}), training {trained}",
+        f"policy     {cfg.policy} ({cfg.policy_dtype}: {dtypes['policy']}), training {trained}",
         f"reward     {' + '.join(rewards)}",
         f"prompts    {data}; {', '.join(limits)}",
         (f"per step   {cfg.per_device_train_batch_size} completions x {cfg.gradient_accumulation_steps} accumulation"

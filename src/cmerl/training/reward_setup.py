@@ -11,7 +11,7 @@ from cmerl.training.config import ConfigError, TrainConfig, is_remote, parse_rem
 
 
 # --------------------------------------------------------------------------------------------- rewards
-def build_scorer(spec: str, *, dtype: str = "bfloat16", batch_tokens: int = 4096, device: str | None = None,
+def build_scorer(spec: str, *, dtype: str = "auto", batch_tokens: int = 4096, device: str | None = None,
                  render=None):
     """The one place a verifier is constructed: a model name loads a local :class:`~cmerl.scoring.Verifier`
     (on ``device``; None = this process's accelerator device); an ``http(s)://`` URL gives a remote verifier

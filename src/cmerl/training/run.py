@@ -137,8 +137,10 @@ def build_session(cfg: TrainConfig, *, resume_from: Path | None = None, progress
                                  heldout=cfg.heldout_prompts, system_prompt=cfg.system_prompt)
     say(prompt_set.summary())
     dataset = to_dataset(prompt_set, tokenizer, cfg.system_prompt)
-    say(f"loading policy {cfg.policy} ({cfg.policy_dtype}) ...")
-    policy, _ = load_model(cfg.policy, dtype=cfg.policy_dtype, show_progress=progress)
+    say(f"loading policy {cfg.policy} ...")
+    policy, _ = load_model(cfg.policy, dtype=cfg.policy_dtype, trained=True, role="policy",
+                           show_progress=progress)
+    say(f"policy {cfg.policy}: {policy.cmerl_dtype}")
     eos_ids = _eos_ids(policy, tokenizer)
     say("loading reward models: " + ", ".join(
         (f"cme <- {', '.join(cfg.verifiers)} ({cfg.verifier_dtype})" if r == "cme" else r) for r in cfg.rewards),
