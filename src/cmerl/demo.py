@@ -196,8 +196,7 @@ def run_demo(cfg: TrainConfig, *, judge: str | None = DEMO_JUDGE, judge_dtype: s
 
         gc.collect()
         say(f"head-to-head: loading judge {judge} after freeing the policy and verifier ...")
-        lj = LocalJudge.from_pretrained(judge, dtype=judge_dtype)
-        say(f"judge {judge}: {lj.model.cmerl_dtype}")
+        lj = LocalJudge.from_pretrained(judge, dtype=judge_dtype)  # logs "judge <name>: <dtype> (<why>)"
         try:
             say(f"judging {len(instructions)} held-out pairs (after vs before), both orders ...")
             out.head_to_head = head_to_head(
