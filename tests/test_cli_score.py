@@ -115,6 +115,7 @@ def test_score_clear_errors(tmp_path, verifier_folder):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.mark.e2e
 def test_console_script_runs_end_to_end(tmp_path, verifier_folder):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text(json.dumps(GOOD[0]) + "\nnot json\n")
@@ -231,6 +232,5 @@ def test_interrupted_score_resumes_without_redoing_rows(tmp_path, verifier_folde
     before = out.read_bytes()
     res = runner.invoke(app, ["score", "--verifier", str(verifier_folder), "--input", str(other),
                               "--output", str(out)])
-    if suffix == ".jsonl":  # a finished .json is not a progress file: it is simply rewritten
-        assert res.exit_code == 2 and "belongs to another run" in res.output
-        assert out.read_bytes() == before
+    assert res.exit_code == 2 and "belongs to another run" in res.output  # in every output format
+    assert out.read_bytes() == before

@@ -94,6 +94,7 @@ except PromptDataError as exc:
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("offline_mode", [False, True])
 def test_unreachable_hub_dataset_is_a_clear_error(tmp_path, offline_mode):
     """No network: a hub dataset id fails at once with a clear error; in datasets' offline mode the

@@ -94,6 +94,7 @@ def test_head_to_head_is_antisymmetric_and_checks_lengths(tiny_judge, tmp_path):
     assert not (tmp_path / "bad.jsonl").exists()
 
 
+@pytest.mark.e2e
 def test_run_demo_on_tiny_models_judges_after_vs_before(tmp_path):
     policy = tiny_random_folder(tmp_path / "policy", POLICY_TOKENIZER, arch="llama", seed=0)
     verifier = tiny_random_folder(tmp_path / "verifier", VERIFIER_TOKENIZER, arch="qwen2", seed=1)

@@ -184,6 +184,7 @@ def test_resolve_trained_model(tmp_path):
         resolve_trained_model(tmp_path / "empty")
 
 
+@pytest.mark.e2e
 def test_generate_survives_sigkill(tmp_path):
     """A real ``cmerl generate`` process killed mid-run keeps its rows; the rerun finishes the rest."""
     model_dir = save_tiny_model(tmp_path / "tiny")

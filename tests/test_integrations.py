@@ -218,6 +218,7 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+@pytest.mark.e2e
 def test_trl_remote_example_trains_against_the_service(tmp_path, tiny_server, tiny_verifier_dir):
     """examples/trl_remote: a real GRPOTrainer run whose async CME reward is scored by the server."""
     key = 'cmerl_requests_total{route="/score",status="200"}'
@@ -228,6 +229,7 @@ def test_trl_remote_example_trains_against_the_service(tmp_path, tiny_server, ti
     assert scrape(tiny_server.url)[key] >= before + 1  # the step's reward call went to the server
 
 
+@pytest.mark.e2e
 def test_plain_trl_example_trains_with_an_in_process_verifier(tmp_path, tiny_verifier_dir):
     """examples/trl/grpo_cme.py: stock GRPOTrainer with CrossModelEntropy as its reward function."""
     args = [sys.executable, "examples/trl/grpo_cme.py", "--policy", str(_policy_dir(tmp_path)),
@@ -239,6 +241,7 @@ def test_plain_trl_example_trains_with_an_in_process_verifier(tmp_path, tiny_ver
     assert re.search(r"^step 1: mean CME -\d+\.\d{3}, completion length \d+$", proc.stdout, re.MULTILINE), proc.stdout
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_trl_remote_example_two_processes_share_one_service(tmp_path, tiny_server, tiny_verifier_dir):
     """Two training processes (torchrun, gloo on CPU), each a client of the same server."""

@@ -154,6 +154,7 @@ def _cache_entries(cache: Path) -> tuple[list[Path], list[Path]]:
     return [p for p in entries if ".tmp-" not in p.name], [p for p in entries if ".tmp-" in p.name]
 
 
+@pytest.mark.e2e
 def test_gguf_cache_survives_a_killed_conversion_and_is_reused(tiny_gguf, tmp_cache):
     # 1. A process killed mid-conversion leaves only a temporary folder, never a final entry.
     env = {**os.environ, "CMERL_CACHE": str(tmp_cache)}
@@ -228,6 +229,7 @@ except ModelNotAvailableError as exc:
 """
 
 
+@pytest.mark.e2e
 def test_hub_ids_load_from_the_local_hf_cache_when_the_hub_is_unreachable(tmp_path, tiny_folder):
     """No network: a hub id in the HF cache loads from it; one that is not fails at once with a clear
     error (instead of a minute of connection retries)."""

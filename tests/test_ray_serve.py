@@ -15,6 +15,7 @@ pytest_plugins = ["_server_fixtures"]  # tiny_verifier_dir, tiny_local, tiny_ser
 pytest.importorskip("ray.serve")
 
 
+@pytest.mark.e2e
 def test_ray_serve_two_replicas_same_scores(tiny_verifier_dir, tiny_local, tmp_path):
     args = tiny_args(tiny_verifier_dir, "--ray", "--replicas", "2", "--ray-address", "local", "--replica-cpus", "0.5")
     server = ServerProcess(args, log=tmp_path / "ray.log", ready_timeout=240, ready_text="2 Ray replicas) on")

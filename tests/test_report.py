@@ -89,9 +89,13 @@ def test_report_of_an_evaluation(tmp_path):
     for name in ("verdicts_winrate.png", "verdicts_lengths.png"):
         assert (tmp_path / "figures" / name).read_bytes()[:8] == PNG
         assert f"](figures/{name})" in text
-    # outputs table: 2 rows, mean chars (15 + 0) / 2 = 8, half empty, half cut at max length,
-    # repetition of "a b c d a b c d" is 0.2 and of "" is 0 -> mean 10.0%
-    assert "| `outputs_trained.json` | trained-run | 2 | 8 | 8 | 4 | 50.0% | 50.0% | 10.0% |" in text
+    # outputs table: 2 rows, chars 15 and 0: mean, median and std 7.5 -> 8; mean words (8 + 0) / 2 = 4;
+    # distinct-1 4 unique of 8 words = 50.0%, distinct-2 4 unique of 7 bigrams = 57.1%; self-BLEU needs two
+    # non-empty outputs -> n/a; repetition of "a b c d a b c d" is 0.2 and of "" is 0 -> mean 10.0%;
+    # half empty, half cut at max length
+    assert ("| `outputs_trained.json` | trained-run | 2 | 8 | 8 | 8 | 4 | 50.0% | 57.1% | n/a | 10.0% | 50.0% | "
+            "50.0% |") in text
+    assert "![drift statistics](figures/outputs_drift.png)" in text
     assert "notes.json" not in text
 
 

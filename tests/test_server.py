@@ -102,7 +102,7 @@ def test_completions_text_prompt_and_refusals(tiny_server, tiny_local):
              ({"prompt": ids, "prompt_logprobs": 1, "model": "nope"}, 404, "nope"),
              ({"prompt": [1] * 600, "prompt_logprobs": 1}, 400, "maximum context length"),
              ({"prompt": [1, 2, 10 ** 6], "prompt_logprobs": 1}, 422, "outside the vocabulary"),
-             ({"prompt": [], "prompt_logprobs": 1}, 422, "prompt")]
+             ({"prompt": [], "prompt_logprobs": 1}, 400, "prompt is empty")]
     for payload, status, words in cases:
         r = httpx.post(url, json=payload, timeout=30)
         assert r.status_code == status, (payload, r.text)
@@ -204,6 +204,7 @@ def unbatched_server(tiny_verifier_dir, tmp_path_factory):
     server.stop()
 
 
+@pytest.mark.e2e
 def test_load_32_clients_dynamic_batching_vs_off(tiny_server, unbatched_server, tiny_local, capsys):
     """32 clients x 50 requests against each server: every answer right, none lost or duplicated."""
     pairs = load_pairs(N_CLIENTS, PER_CLIENT)

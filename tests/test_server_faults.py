@@ -109,6 +109,7 @@ def test_api_key_on_every_route_but_health(strict_server):
     ok_request(strict_server)
 
 
+@pytest.mark.e2e
 def test_full_queue_gives_503_and_clients_recover(strict_server, tiny_local):
     """16 concurrent requests of 8 long items against an 8-item queue: some get 503 + Retry-After; clients
     with retries then get every answer, equal to local scores."""
@@ -149,6 +150,7 @@ def test_full_queue_gives_503_and_clients_recover(strict_server, tiny_local):
 
 
 # ---------------------------------------------------------------------------------------------- kill / restart
+@pytest.mark.e2e
 def test_kill_and_restart_mid_load(restartable_server, tiny_local):
     """16 clients x 25 requests; the server is SIGKILLed a third of the way through and restarted on the same
     port. Clients retry (connection refused / reset) and end with every answer, each equal to the local one."""
@@ -205,6 +207,7 @@ def test_kill_and_restart_mid_load(restartable_server, tiny_local):
         assert answers[i] == pytest.approx(w, abs=1e-4), i
 
 
+@pytest.mark.e2e
 def test_graceful_shutdown_finishes_in_flight_requests(restartable_server, tiny_local):
     """SIGTERM while a slow request is being scored: that request still gets its full answer; then the
     server stops taking connections and exits."""

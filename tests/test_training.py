@@ -92,12 +92,16 @@ def test_guarded_reward_floors_degenerate_completions_and_logs():
 
     guard = RepetitionGuard(ngram=4, max_share=0.5, floor=-20.0)
     fn = GuardedReward(length_reward, guard=guard, diagnostics=True, eos_ids=[2], max_completion_length=8)
+    floor = training.RepetitionGuardReward(guard)
     ids = [[10, 11, 12, 13, 2], [9] * 8, [9] * 8]
-    out = fn(prompts=["p"] * 3, completions=["good", "loop", "skip"], completion_ids=ids,
-             log_metric=logged.__setitem__, log_extra=extra.__setitem__, raw_prompt=["r"] * 3)
-    assert out == [4.0, -20.0, None]  # floored; None ("not applicable") stays None
-    assert fn.__name__ == "length_reward"
-    assert logged["length_reward/floored_frac"] == pytest.approx(1 / 3)
+    kwargs = {"prompts": ["p"] * 3, "completions": ["good", "loop", "skip"], "completion_ids": ids,
+              "log_metric": logged.__setitem__, "log_extra": extra.__setitem__, "raw_prompt": ["r"] * 3}
+    out = fn(**kwargs)
+    # The degenerate completion leaves the reward (None: "does not apply"); the guard's own reward floors it.
+    assert out == [4.0, None, None]
+    assert floor(**kwargs) == [0.0, -20.0, -20.0]
+    assert fn.__name__ == "length_reward" and floor.__name__ == "repetition_guard"
+    assert logged["repetition_guard/floored_frac"] == pytest.approx(2 / 3)
     assert logged["diagnostics/truncated_frac"] == pytest.approx(2 / 3)
     assert logged["diagnostics/repeated_4gram_share"] == pytest.approx((0 + 4 / 5 + 4 / 5) / 3)
     assert extra["repeated_4gram_share"] == [0.0, 0.8, 0.8]
@@ -247,6 +251,7 @@ def three_step_run(tmp_path_factory, models):
     return cfg, result
 
 
+@pytest.mark.e2e
 def test_three_steps_end_to_end(three_step_run):
     from cmerl.models import load_model
 
@@ -271,7 +276,7 @@ def test_three_steps_end_to_end(three_step_run):
     assert "| 3 |" in card and "reward_curve.png" in card
     assert len(list((run / "completions").glob("*.parquet"))) == 3
     assert list((run / "runs").rglob("events.out.tfevents.*")), "no TensorBoard events"
-    model, tok = load_model(str(result.final_dir))
+    model, tok = load_model(str(result.final_dir), dtype="float32")
     out = model.generate(torch.tensor([[tok.bos_token_id or 1, 42]]), max_new_tokens=3, do_sample=False)
     assert out.shape[1] == 5
     # final/ holds the trained weights: those of the last checkpoint, not the initial policy's
@@ -313,6 +318,7 @@ def test_new_run_refuses_an_existing_run_dir(three_step_run):
         training.train(cfg)
 
 
+@pytest.mark.e2e
 def test_resume_continues_at_the_right_step_with_the_same_data(three_step_run, tmp_path, models):
     """Resuming the 3-step run to 5 steps reproduces an uninterrupted 5-step run exactly."""
     policy, verifier, prompts = models
@@ -357,6 +363,7 @@ def test_resume_continues_at_the_right_step_with_the_same_data(three_step_run, t
     assert apart <= 1e-3 * moved, (apart, moved)
 
 
+@pytest.mark.e2e
 def test_sigkilled_run_resumes_and_never_loads_a_partial_checkpoint(tmp_path, models):
     policy, verifier, prompts = models
     cfg = tiny_config(tmp_path, policy, verifier, prompts, max_steps=200, save_steps=2, log_completions=False)
@@ -403,6 +410,7 @@ def test_sigkilled_run_resumes_and_never_loads_a_partial_checkpoint(tmp_path, mo
     assert steps == list(range(1, last_step + 3))  # rows after the checkpoint were dropped, then redone
 
 
+@pytest.mark.e2e
 def test_learning_signal_raises_cme(tmp_path):
     """A verifier that strongly prefers half of the policy's likely words: 30 GRPO steps must raise the mean
     CME reward from its analytic starting value to near the preferred words' log-likelihood."""
@@ -432,6 +440,7 @@ def test_learning_signal_raises_cme(tmp_path):
     assert last == pytest.approx(best, abs=1.0)
 
 
+@pytest.mark.e2e
 def test_two_processes_under_accelerate_launch_on_cpu(tmp_path, models):
     """The same config under `accelerate launch` with 2 CPU processes: one DDP group (gloo), each process
     loads its verifier once, and each step's completions table holds both processes' completions."""
@@ -463,6 +472,7 @@ def test_two_processes_under_accelerate_launch_on_cpu(tmp_path, models):
     assert all(len(set(groups[i:i + 4])) == 1 for i in (0, 4)) and groups[0] != groups[4]
 
 
+@pytest.mark.e2e
 def test_lora_with_weighted_baseline_reward_resumes_and_merges(tmp_path, models):
     """LoRA + rewards [cme, self_certainty] weighted [1, 0.5] (live-policy baseline): the logged total is
     the weighted sum, checkpoints hold the adapter, resume works, final/ is the merged model."""
@@ -484,17 +494,17 @@ def test_lora_with_weighted_baseline_reward_resumes_and_merges(tmp_path, models)
         assert r["reward"] == pytest.approx(r["rewards/cme/mean"] + 0.5 * r["rewards/self_certainty/mean"], abs=1e-4)
         assert r["rewards/self_certainty/mean"] > 0  # KL(uniform || p) is positive
     assert not (result.final_dir / "adapter_config.json").exists()
-    model, _ = load_model(str(result.final_dir))
+    model, _ = load_model(str(result.final_dir), dtype="float32")
     assert not any("lora" in name for name, _ in model.named_parameters())
     # final/ is the base policy with the last checkpoint's adapter merged in
     from peft import PeftModel
 
-    base, _ = load_model(str(policy))
+    base, _ = load_model(str(policy), dtype="float32")
     merged = PeftModel.from_pretrained(base, str(latest_checkpoint(cfg.output_dir))).merge_and_unload()
     want, got = merged.state_dict(), model.state_dict()
     assert want.keys() == got.keys()
     assert all(torch.allclose(want[k], got[k], atol=1e-6) for k in want)
-    initial = load_model(str(policy))[0].state_dict()
+    initial = load_model(str(policy), dtype="float32")[0].state_dict()
     assert any(not torch.allclose(initial[k], got[k]) for k in got)  # the adapter changed something
 
 
@@ -504,7 +514,7 @@ def test_baseline_scorer_live_policy_tracks_updates_frozen_copy_does_not(tmp_pat
 
     policy_dir, verifier, prompts = models
     base = tiny_config(tmp_path, policy_dir, verifier, prompts, rewards=["self_likelihood"])
-    model, tok = load_model(str(policy_dir))
+    model, tok = load_model(str(policy_dir), dtype="float32")
     pr, comps = ["Name a colour.", "Say hello."], ["Blue is a colour.", "Hello there!"]
     live = training.build_rewards(config_from_dict({**base, "baseline_scorer": "policy"}), model, tok)[0]
     frozen = training.build_rewards(config_from_dict({**base, "baseline_scorer": "frozen",
@@ -512,7 +522,7 @@ def test_baseline_scorer_live_policy_tracks_updates_frozen_copy_does_not(tmp_pat
     before_live, before_frozen = live(pr, comps), frozen(pr, comps)
     assert before_live == pytest.approx(before_frozen, abs=1e-4)
     # Scored the way the policy sees its prompts (template default system prompt), not like a verifier.
-    ref = Verifier(load_model(str(policy_dir))[0], load_tokenizer(str(policy_dir)),
+    ref = Verifier(load_model(str(policy_dir), dtype="float32")[0], load_tokenizer(str(policy_dir)),
                    render=training.policy_render_config(config_from_dict(base)))
     assert before_live == pytest.approx([s.mean_logprob for s in ref.score(pr, comps)], abs=1e-4)
     with torch.no_grad():
@@ -521,6 +531,7 @@ def test_baseline_scorer_live_policy_tracks_updates_frozen_copy_does_not(tmp_pat
     assert frozen(pr, comps) == pytest.approx(before_frozen, abs=1e-6)
 
 
+@pytest.mark.e2e
 def test_remote_verifier_url_trains_with_the_same_rewards(tmp_path, models):
     """`verifiers: [http://...]` scores through a real `cmerl serve` process; the logged rewards equal a
     local re-scoring of the logged completions."""

@@ -210,7 +210,7 @@ def remember_agreement(result: JudgeCheckResult) -> None:
         data = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         data = {}
-    data[result.key] = _agreement_summary(result)
+    data[result.key] = {**data.get(result.key, {}), **_agreement_summary(result)}  # keeps "pairs" results
     write_json_atomic(path, data)
 
 
@@ -228,14 +228,20 @@ def lookup_agreement(header: dict | None) -> dict | None:
         return None
     key = judge_key(header)
     path = _registry_path()
+    data = {}
     if path.is_file():
         try:
             data = json.loads(path.read_text())
         except ValueError:
             data = {}
-        if key in data:
-            return data[key]
-    return PACKAGED_AGREEMENT.get(key)
+    packaged, local = PACKAGED_AGREEMENT.get(key) or {}, data.get(key) or {}
+    if not packaged and not local:
+        return None
+    if "agreement" in local:  # this machine's easy-pair check replaces the packaged one; pairs merge by file
+        merged = {**local, "pairs": {**packaged.get("pairs", {}), **local.get("pairs", {})}}
+    else:
+        merged = {**packaged, "pairs": {**packaged.get("pairs", {}), **local.get("pairs", {})}}
+    return merged
 
 
 # --------------------------------------------------------------------------- reward-check
@@ -304,6 +310,8 @@ class RewardCheckResult:
     seconds: float
     data: str
     rejected: str = "data"  # one of REJECTED_MODES
+    #: per signal, its value on each chosen response then each rejected one (2n floats), for ensembles
+    values: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -331,14 +339,47 @@ class RewardCheckResult:
         return "\n".join(lines)
 
 
+def check_signal_names(signals: Sequence[str]) -> list[str]:
+    """Validate reward-check signal names: the verifier signals (mean_logprob, sum_logprob, neg_entropy), the
+    variants ``cme_pmi:<lambda>`` (lambda in [0, 1]) and ``cme_length_resid`` (:mod:`cmerl.reward_variants`)."""
+    from cmerl.scoring import SIGNALS
+
+    names = [s.strip() for s in signals if s.strip()]
+    if not names:
+        raise ValueError("no signal given")
+    for s in names:
+        if s in SIGNALS or s == "cme_length_resid":
+            continue
+        lam = s.removeprefix("cme_pmi:") if s.startswith("cme_pmi:") else None
+        try:
+            ok = lam is not None and 0.0 <= float(lam) <= 1.0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"unknown signal {s!r}; use some of {', '.join(SIGNALS)}, cme_pmi:<lambda in [0, 1]>, "
+                             "cme_length_resid")
+    return names
+
+
+def _signal_check(values: Sequence[float], lengths: Sequence[int], n: int, seed: int) -> SignalCheck:
+    return SignalCheck(rate(preference_scores(values[:n], values[n:]), seed=seed), pearson(values, lengths),
+                       spearman(values, lengths))
+
+
 def reward_check(verifier, pairs: Sequence[PreferencePair], *, signals: Sequence[str] = ("mean_logprob",
                  "sum_logprob", "neg_entropy"), seed: int = 0, progress: bool = False,
                  data: str = "", rejected: str = "data") -> RewardCheckResult:
     """Score chosen and rejected responses with a verifier (a :class:`~cmerl.scoring.Verifier` or anything
     with its ``score``) and summarise each signal; the length baseline prefers the longer text (chars).
 
+    Signals (:func:`check_signal_names`): the verifier's own, ``cme_pmi:<lambda>`` (one more scoring pass,
+    after the content-free instruction, shared by every lambda) and ``cme_length_resid`` (mean_logprob
+    residualised on log token length over all 2n responses: a pair has too few points for a per-prompt fit).
     ``rejected="off-topic"`` replaces each rejected answer by another prompt's chosen answer
     (:func:`off_topic_pairs`): a verifier that conditions on the prompt prefers the on-topic answer."""
+    from cmerl.reward_variants import NULL_PROMPT, length_residuals, pmi_values
+
+    signals = check_signal_names(signals)
     if rejected not in REJECTED_MODES:
         raise ValueError(f"rejected must be one of {', '.join(REJECTED_MODES)} (got {rejected!r})")
     if rejected == "off-topic":
@@ -350,17 +391,44 @@ def reward_check(verifier, pairs: Sequence[PreferencePair], *, signals: Sequence
     n = len(pairs)
     chosen_scores, rejected_scores = scores[:n], scores[n:]
     lengths = [s.n_tokens for s in scores]
-    out = {}
+    nulls = None
+    if any(s.startswith("cme_pmi:") for s in signals):
+        nulls = verifier.score([NULL_PROMPT] * (2 * n), [p.chosen for p in pairs] + [p.rejected for p in pairs],
+                               progress=progress)
+    out, per_item = {}, {}
     for name in signals:
-        values = [s.signal(name) for s in scores]
-        out[name] = SignalCheck(rate(preference_scores(values[:n], values[n:]), seed=seed),
-                                pearson(values, lengths), spearman(values, lengths))
+        if name.startswith("cme_pmi:"):
+            values = pmi_values(scores, nulls, lam=float(name.split(":", 1)[1]))
+        elif name == "cme_length_resid":
+            values = length_residuals([s.mean_logprob for s in scores], lengths)
+        else:
+            values = [s.signal(name) for s in scores]
+        per_item[name] = values
+        out[name] = _signal_check(values, lengths, n, seed)
     length = rate(preference_scores([len(p.chosen) for p in pairs], [len(p.rejected) for p in pairs]), seed=seed)
     return RewardCheckResult(
         verifier=str(getattr(verifier, "name", verifier)), n=n, signals=out, length_baseline=length,
         mean_tokens_chosen=sum(s.n_tokens for s in chosen_scores) / n,
         mean_tokens_rejected=sum(s.n_tokens for s in rejected_scores) / n,
-        truncated=sum(s.truncated for s in scores), seconds=time.perf_counter() - t0, data=data, rejected=rejected)
+        truncated=sum(s.truncated for s in scores), seconds=time.perf_counter() - t0, data=data, rejected=rejected,
+        values=per_item)
+
+
+def ensemble_check(results: Sequence[RewardCheckResult], signal: str = "mean_logprob", *,
+                   seed: int = 0) -> SignalCheck:
+    """The reward check of the mean of ``signal`` over several verifiers' results on the same pairs (what
+    a ``cme`` reward with several ``verifiers`` computes). Length correlations are left out (None): the
+    members count tokens with different tokenizers."""
+    if len(results) < 2:
+        raise ValueError("an ensemble needs at least two reward-check results")
+    if len({(r.n, r.data, r.rejected) for r in results}) != 1:
+        raise ValueError("ensemble members must be checks of the same pairs (same n, data and rejected mode)")
+    missing = [r.verifier for r in results if signal not in r.values]
+    if missing:
+        raise ValueError(f"results of {missing} hold no per-pair values of {signal!r}")
+    n = results[0].n
+    mean = [sum(r.values[signal][i] for r in results) / len(results) for i in range(2 * n)]
+    return SignalCheck(rate(preference_scores(mean[:n], mean[n:]), seed=seed), None, None)
 
 
 # --------------------------------------------------------------------------- one-command evaluation
@@ -390,15 +458,17 @@ def ensure_outputs(name: str, items, output: Path, config, *, generator: str | N
     """Generate ``output`` for ``items`` with model ``name`` unless it is already complete (resumable)."""
     import gc
 
-    from cmerl.generation import generate_outputs, load_generator, outputs_complete
+    from cmerl.generation import generate_outputs, generator_fingerprint, load_generator, outputs_complete
 
     label = generator or generator_label(name)
-    if outputs_complete(output, items, generator=label, config=config):
+    what = generator_fingerprint(name)  # what the weights are: a resume with other weights is refused
+    if outputs_complete(output, items, generator=label, config=config, model_fingerprint=what):
         rows, _ = read_records(output)
         return [r for _, r in rows]
     model, tok = load_generator(name, dtype=config.dtype)
     try:
-        return generate_outputs(model, tok, items, output, generator=label, config=config, progress=progress)
+        return generate_outputs(model, tok, items, output, generator=label, config=config, progress=progress,
+                                model_fingerprint=what)
     finally:
         del model
         gc.collect()
@@ -483,6 +553,7 @@ class WinRateSummary:
     a: dict
     b: dict
     verdicts: str
+    length_controlled: dict | None = None  # cmerl.length_control.LengthControlled.to_dict()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -500,19 +571,36 @@ class WinRateSummary:
             lines.append(f"win rate without ties: {format_pct(w.win_rate_no_ties)}; "
                          f"position consistency of the judge: {format_pct(w.consistency)}")
             lines.append(f"mean length (chars): A {_num0(w.mean_len_a)}, B {_num0(w.mean_len_b)}")
+            lines.append(length_controlled_text(self.length_controlled))
         lines.append(f"judge: {self.judge} ({self.judge_settings.get('kind', '?')}, "
                      f"{self.judge_settings.get('mode', '?')}); {agreement_text(self.agreement, self.judge)}")
         return "\n".join(lines)
 
 
+def length_controlled_text(lc: dict | None) -> str:
+    """One line with the length-controlled win rate beside the raw one (or why there is none)."""
+    if not lc:
+        return "length-controlled win rate: not computed"
+    if lc.get("win_rate") is None:
+        return f"length-controlled win rate: n/a ({lc.get('note', '')})"
+    return (f"length-controlled win rate of A: {format_pct(lc['win_rate'])}  [{format_pct(lc.get('ci_low'))}-"
+            f"{format_pct(lc.get('ci_high'))}, bootstrap {lc.get('n_boot')}]; raw {format_pct(lc.get('raw'))}; "
+            f"length coefficient {lc.get('length_coef'):+.2f} (positive: the judge favoured longer answers)")
+
+
 def agreement_text(agreement: dict | None, judge: str) -> str:
     """One phrase stating a judge's measured agreement with GPT-4 Turbo, or that it is unknown."""
-    if not agreement:
-        return (f"agreement with GPT-4 Turbo not measured for this judge setup (run: cmerl judge-check "
+    from cmerl.calibration import pairs_text
+
+    if not agreement or agreement.get("agreement") is None:
+        easy = (f"agreement with GPT-4 Turbo not measured for this judge setup (run: cmerl judge-check "
                 f"--judge {judge})")
-    return (f"agreement with GPT-4 Turbo {format_pct(agreement.get('agreement'))} (95% CI {format_pct(agreement.get('ci_low'))}-"
-            f"{format_pct(agreement.get('ci_high'))}, n={agreement.get('n')}, {agreement.get('source', 'judge-check')}, "
-            f"{agreement.get('measured', '')}; length-only baseline {format_pct(agreement.get('length_baseline'))})")
+    else:
+        easy = (f"agreement with GPT-4 Turbo {format_pct(agreement.get('agreement'))} (95% CI "
+                f"{format_pct(agreement.get('ci_low'))}-{format_pct(agreement.get('ci_high'))}, n={agreement.get('n')}, "
+                f"{agreement.get('source', 'judge-check')}, {agreement.get('measured', '')}; length-only baseline "
+                f"{format_pct(agreement.get('length_baseline'))})")
+    return f"{easy}; {pairs_text(agreement)}"
 
 
 def summarize_verdicts(path: str | Path, *, n_boot: int = 10_000, seed: int = 0) -> WinRateSummary:
@@ -523,8 +611,13 @@ def summarize_verdicts(path: str | Path, *, n_boot: int = 10_000, seed: int = 0)
     wr = win_rate([r["verdict"] for r in rows], consistent=[r.get("consistent") for r in rows],
                   len_a=[r.get("len_a") for r in rows], len_b=[r.get("len_b") for r in rows],
                   n_boot=n_boot, seed=seed)
+    from cmerl.length_control import length_controlled_win_rate
+
+    lc = length_controlled_win_rate([r["verdict"] for r in rows], [r.get("len_a") for r in rows],
+                                    [r.get("len_b") for r in rows], seed=seed)
     return WinRateSummary(wr, header["judge"]["name"], header["judge"]["settings"], header.get("decision", {}),
-                          lookup_agreement(header), header.get("a", {}), header.get("b", {}), str(path))
+                          lookup_agreement(header), header.get("a", {}), header.get("b", {}), str(path),
+                          length_controlled=lc.to_dict())
 
 
 def _num0(x: float | None) -> str:

@@ -7,9 +7,12 @@ add ``index`` (position in the prompt set), ``finish_reason`` ("stop" or "length
 same rendering the verifier scores, and left-padded into batches of similar length.
 
 Resuming: while running, finished rows are appended (and fsynced) to ``<output>.partial.jsonl`` after
-every batch; the final JSON list is written atomically when every prompt is done, and the sidecar is then
-removed. A rerun with the same output path keeps the rows already in the output file or the sidecar (same
-settings required) and generates only the missing prompts.
+every batch; the final JSON list is written atomically when every prompt is done, and the partial file is
+then removed. A rerun with the same output path keeps the rows already in the output file or the partial
+file and generates only the missing prompts. It must be the same run: ``<output>.fingerprint.json``
+(:mod:`cmerl.fingerprint`, written before the first row) records the settings and what the model's
+weights are (:func:`generator_fingerprint`), and a rerun with other settings or other weights, or onto
+an output whose rows answer other instructions at the same indices, is refused naming what differs.
 
 Prompt set specs: ``alpaca_eval`` (the bundled 805 instructions), ``ultrafeedback`` (bundled 1,000
 prompts), or a ``.jsonl`` / ``.json`` file with ``instruction`` or ``prompt`` fields (strings), each
@@ -162,6 +165,17 @@ def resolve_trained_model(path: str | Path) -> Path:
                             "final/, model/ or checkpoint-*/")
 
 
+def generator_fingerprint(name: str) -> dict:
+    """What the model :func:`load_generator` loads for ``name`` is (:func:`cmerl.fingerprint.model_fingerprint`
+    of the folder it resolves to, for a training output folder), without loading it."""
+    from cmerl.fingerprint import model_fingerprint
+
+    p = Path(name).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file():
+        p = resolve_trained_model(p)
+    return model_fingerprint(str(p) if p.is_dir() else name)
+
+
 def load_generator(name: str, *, dtype: str = "auto"):
     """``(model, tokenizer)`` for a model name (see :mod:`cmerl.models`) or a training output folder
     (merged weights, or a PEFT adapter whose base is loaded and merged)."""
@@ -223,16 +237,39 @@ def _check_settings(old: dict, new: dict, path: Path) -> None:
                          "pass another --output (or delete it) to generate with these settings")
 
 
+def generation_fingerprint(settings: dict, model: dict | None):
+    """The :class:`~cmerl.fingerprint.Fingerprint` of a generate run: its settings and the model's
+    fingerprint (``None`` when the caller did not say what the model is: the generator name then stands
+    for it)."""
+    from cmerl.fingerprint import Fingerprint
+
+    return Fingerprint("generate", settings={**settings, "model": model})
+
+
 def generate_outputs(model, tokenizer, items: Sequence[PromptItem], output: str | Path, *, generator: str,
                      config: GenerationConfig = GenerationConfig(), render: RenderConfig | None = None,
-                     progress: bool = False, stop_after: int | None = None) -> list[dict]:
+                     progress: bool = False, stop_after: int | None = None,
+                     model_fingerprint: dict | None = None) -> list[dict]:
     """Generate for every prompt not yet in ``output`` (see module docstring) and return all rows of the
-    prompt set in order. ``stop_after`` stops after that many new prompts (the sidecar keeps them)."""
+    prompt set in order. ``stop_after`` stops after that many new prompts (the partial file keeps them).
+    ``model_fingerprint`` (:func:`generator_fingerprint`) says what the weights are, so a resume with other
+    weights is refused. Raises :class:`~cmerl.fingerprint.RunMismatchError` (a ValueError) when ``output``
+    belongs to another run."""
+    from cmerl.fingerprint import RunMismatchError, guard_output
+
     render = render or RenderConfig(system_prompt=config.system_prompt)
     chat = uses_chat_template(tokenizer, render)
     settings = _settings(config, generator, chat)
+    out_path, side_path = Path(output), partial_path(output)
+    has_rows = any(p.is_file() and p.stat().st_size > 0 for p in (out_path, side_path))
+    guard_output(out_path, generation_fingerprint(settings, model_fingerprint), has_rows=has_rows)
     done = read_done_rows(output, settings)
-    todo = [it for it in items if it.index not in done or done[it.index]["instruction"] != it.instruction]
+    for it in items:
+        if it.index in done and done[it.index]["instruction"] != it.instruction:
+            raise RunMismatchError(f"{output} row for prompt {it.index} answers another instruction "
+                                   f"({done[it.index]['instruction'][:60]!r}, now {it.instruction[:60]!r}): it was "
+                                   "generated for another prompt set; delete it or choose another --output")
+    todo = [it for it in items if it.index not in done]
     if stop_after is not None:
         todo = todo[:max(0, stop_after)]
     side = partial_path(output)
@@ -271,11 +308,20 @@ def generate_outputs(model, tokenizer, items: Sequence[PromptItem], output: str 
 
 
 def outputs_complete(output: str | Path, items: Sequence[PromptItem], *, generator: str,
-                     config: GenerationConfig) -> bool:
+                     config: GenerationConfig, model_fingerprint: dict | None = None) -> bool:
     """True when ``output`` already holds every prompt of ``items`` generated by ``generator`` with
-    ``config`` (so the model need not even be loaded)."""
+    ``config`` (so the model need not even be loaded), and its fingerprint records the same
+    ``model_fingerprint``."""
+    from cmerl.fingerprint import RunMismatchError, read_sidecar
+
     out = Path(output)
     if not out.is_file() or partial_path(out).exists():
+        return False
+    try:
+        recorded = read_sidecar(out)
+    except RunMismatchError:
+        return False
+    if not isinstance(recorded, dict) or (recorded.get("settings") or {}).get("model") != model_fingerprint:
         return False
     try:
         rows, bad = read_records(out)

@@ -19,50 +19,108 @@ class BadRow:
     reason: str
 
 
+def _check_input_file(p: Path) -> None:
+    if p.is_dir():
+        raise ValueError(f"{p} is a folder, not a file: pass a .jsonl or .json file")
+    if not p.is_file():
+        raise FileNotFoundError(f"input file not found: {p}")
+
+
+def _decode_line(raw: bytes, n: int) -> tuple[str | None, BadRow | None]:
+    """A line's text, or the BadRow saying where its bytes are not UTF-8."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        return None, BadRow(n, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})")
+
+
 def read_records(path: str | Path) -> tuple[list[tuple[int, Any]], list[BadRow]]:
     """Rows of a ``.jsonl`` (one object per line) or ``.json`` (a list of objects) file.
 
-    Returns ``([(line, obj)], [BadRow])``: unparseable lines are reported, not fatal. Blank lines are
-    skipped. Raises FileNotFoundError naming the path, or ValueError when a .json file is not a list.
+    Returns ``([(line, obj)], [BadRow])``: unparseable lines (bad JSON, bytes that are not UTF-8) are
+    reported, not fatal. Blank lines are skipped; a UTF-8 byte-order mark is ignored. Raises
+    FileNotFoundError naming the path, or ValueError for a folder, for a .json file that is not a list,
+    or for a .json file that is not UTF-8 (naming line and column).
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"input file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    _check_input_file(p)
+    data_bytes = p.read_bytes().removeprefix(b"\xef\xbb\xbf")
     rows: list[tuple[int, Any]] = []
     bad: list[BadRow] = []
-    if p.suffix == ".json" or (p.suffix != ".jsonl" and text.lstrip().startswith("[")):
+    if p.suffix == ".json" or (p.suffix != ".jsonl" and data_bytes.lstrip().startswith(b"[")):
+        try:
+            text = data_bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data_bytes.count(b"\n", 0, exc.start) + 1
+            col = exc.start - (data_bytes.rfind(b"\n", 0, exc.start) + 1) + 1
+            raise ValueError(f"{p}: line {line} column {col}: not valid UTF-8 (byte "
+                             f"0x{data_bytes[exc.start]:02x})") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{p}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise ValueError(f"{p}: not valid JSON (nested too deeply)") from None
         if not isinstance(data, list):
             raise ValueError(f"{p}: a .json input must hold a list of objects (got {type(data).__name__})")
         return [(i + 1, row) for i, row in enumerate(data)], bad
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, raw in enumerate(data_bytes.split(b"\n"), start=1):
+        line, problem = _decode_line(raw, n)
+        if problem is not None:
+            bad.append(problem)
+            continue
         if not line.strip():
             continue
         try:
             rows.append((n, json.loads(line)))
         except json.JSONDecodeError as exc:
             bad.append(BadRow(n, f"invalid JSON: {exc.msg}"))
+        except RecursionError:
+            bad.append(BadRow(n, "invalid JSON: nested too deeply"))
     return rows, bad
 
 
-def iter_jsonl(path: str | Path) -> Iterator[dict]:
-    """Complete JSON lines of a file that may be being appended to; a torn last line is skipped."""
+def iter_jsonl(path: str | Path, *, strict: bool = False, bad: list[BadRow] | None = None) -> Iterator[dict]:
+    """Complete JSON lines of a file that may be being appended to (missing file: nothing).
+
+    A torn last line (no newline: an interrupted write) is never yielded. Complete lines that are not JSON
+    or not UTF-8 are skipped, or raise ValueError naming the file and line when ``strict`` (what a resume
+    needs: appending after foreign text would hide it). ``bad`` collects a :class:`BadRow` for each line
+    skipped, the torn tail included, so callers can say what they ignored.
+    """
     p = Path(path)
     if not p.is_file():
         return
-    with p.open(encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break  # torn write from an interrupted run
-            if line.strip():
+    with p.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
+                if bad is not None and raw.strip():
+                    bad.append(BadRow(n, "incomplete last line (an interrupted write)"))
+                break
+            if n == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            line, problem = _decode_line(raw, n)
+            if problem is None and line.strip():
                 try:
                     yield json.loads(line)
-                except json.JSONDecodeError:
                     continue
+                except (json.JSONDecodeError, RecursionError) as exc:
+                    problem = BadRow(n, f"invalid JSON: {getattr(exc, 'msg', 'nested too deeply')}")
+            if problem is None:
+                continue  # blank line
+            if strict:
+                raise ValueError(f"{p}: line {n}: {problem.reason}; the file holds something other than "
+                                 "complete JSON rows, so it cannot be resumed: delete it or choose another output")
+            if bad is not None:
+                bad.append(problem)
+
+
+def skipped_lines(path: str | Path) -> list[BadRow]:
+    """The lines :func:`iter_jsonl` skips in ``path`` (corrupt lines and a torn tail), for a notice."""
+    bad: list[BadRow] = []
+    for _ in iter_jsonl(path, bad=bad):
+        pass
+    return bad
 
 
 def drop_torn_tail(path: str | Path) -> int:

@@ -37,6 +37,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from cmerl.fingerprint import RunMismatchError
 from cmerl.formatting import RenderConfig, render_context, uses_chat_template
 from cmerl.io import append_jsonl, iter_jsonl
 
@@ -293,21 +294,31 @@ class LocalJudge:
                 self.progress(len(batch))
         return results  # type: ignore[return-value]
 
-    @torch.inference_mode()
     def _choice_logprobs(self, items: list[tuple[list[int], int, int]]) -> list[tuple[float, float, float]]:
         """Per item: log p(id_A | context), log p(id_B | context) and p(A) + p(B), float32."""
+        logp = self.next_token_logprobs([ids for ids, _, _ in items])
+        out = []
+        for r, (_, ia, ib) in enumerate(items):
+            la, lb = float(logp[r, ia]), float(logp[r, ib])
+            out.append((la, lb, math.exp(la) + math.exp(lb)))
+        return out
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, contexts: list[list[int]]) -> torch.Tensor:
+        """``(len(contexts), vocab)`` float32 natural-log next-token distribution after each context (one
+        right-padded forward pass; the output projection runs on the last position only, in float32)."""
         model = self.model
-        width = max(len(ids) for ids, _, _ in items)
+        width = max(len(ids) for ids in contexts)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(items), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for r, (ids, _, _) in enumerate(items):
+        input_ids = torch.full((len(contexts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(contexts), width), dtype=torch.long)
+        for r, ids in enumerate(contexts):
             input_ids[r, :len(ids)] = torch.tensor(ids)
             mask[r, :len(ids)] = 1
         hidden = model.get_decoder()(input_ids=input_ids.to(model.device),
                                      attention_mask=mask.to(model.device)).last_hidden_state
-        last = torch.tensor([len(ids) - 1 for ids, _, _ in items], device=hidden.device)
-        h = hidden[torch.arange(len(items), device=hidden.device), last]  # (rows, hidden)
+        last = torch.tensor([len(ids) - 1 for ids in contexts], device=hidden.device)
+        h = hidden[torch.arange(len(contexts), device=hidden.device), last]  # (rows, hidden)
         head = model.get_output_embeddings()
         if self._head_fp32 is None or self._head_fp32[0].device != head.weight.device:
             bias = getattr(head, "bias", None)
@@ -318,12 +329,7 @@ class LocalJudge:
         cap = getattr(model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        logp = torch.log_softmax(logits, dim=-1)
-        out = []
-        for r, (_, ia, ib) in enumerate(items):
-            la, lb = float(logp[r, ia]), float(logp[r, ib])
-            out.append((la, lb, math.exp(la) + math.exp(lb)))
-        return out
+        return torch.log_softmax(logits, dim=-1)
 
 
 # --------------------------------------------------------------------------- OpenAI-compatible judge
@@ -561,9 +567,33 @@ def _outputs_rows(path: str | Path) -> list[dict]:
 
 
 def verdicts_header(judge: Judge, rule: DecisionRule, prompt: JudgePrompt, *, a: dict, b: dict) -> dict:
-    """First line of a verdicts file: who judged, how, with which prompt, and what was compared."""
-    return {"kind": VERDICTS_KIND, "version": 1, "judge": {"name": judge.name, "settings": judge.settings()},
-            "decision": asdict(rule), "prompt": prompt.to_dict(), "a": a, "b": b}
+    """First line of a verdicts file: who judged, how, with which prompt, and what was compared.
+
+    ``a`` / ``b`` describe the two systems (``path``, ``generator``); when ``path`` is a file its content
+    hash is added as ``sha256``. ``fingerprint`` (:mod:`cmerl.fingerprint`) holds those hashes and the
+    judge, decision rule and prompt: :func:`run_judge` refuses to resume a file whose fingerprint differs."""
+    from cmerl.fingerprint import Fingerprint, sha256_file
+
+    a, b = dict(a), dict(b)
+    for side in (a, b):
+        path = side.get("path")
+        if isinstance(path, str) and Path(path).is_file():
+            side["sha256"] = sha256_file(path)
+    header = {"kind": VERDICTS_KIND, "version": 1, "judge": {"name": judge.name, "settings": judge.settings()},
+              "decision": asdict(rule), "prompt": prompt.to_dict(), "a": a, "b": b}
+    header["fingerprint"] = Fingerprint(
+        "judge", inputs={"a": a.get("sha256"), "b": b.get("sha256")},
+        settings={"judge": header["judge"], "decision": header["decision"],
+                  "prompt_sha256": prompt.sha256}).to_dict()
+    return header
+
+
+def pair_sha256(pair: Pair) -> str:
+    """Content hash of what a verdict row judged (instruction and both outputs), kept in every row so a
+    resume never keeps a verdict on other outputs."""
+    from cmerl.fingerprint import sha256_json
+
+    return sha256_json([pair.instruction, pair.output_a, pair.output_b])
 
 
 def read_verdicts(path: str | Path) -> tuple[dict | None, list[dict]]:
@@ -582,6 +612,17 @@ def read_verdicts(path: str | Path) -> tuple[dict | None, list[dict]]:
 
 
 def _same_setup(old: dict, new: dict) -> list[str]:
+    if "fingerprint" in new:
+        from cmerl.fingerprint import Fingerprint
+
+        if "fingerprint" not in old:
+            return ["fingerprint (the file was written by an older cmerl that did not record its inputs)"]
+        diffs = Fingerprint.from_dict(new["fingerprint"]).differences(
+            Fingerprint.from_dict(old["fingerprint"], where="the verdicts header's fingerprint"))
+        what = {"input 'a'": "A outputs", "input 'b'": "B outputs", "setting 'judge": "judge",
+                "setting 'decision": "decision", "setting 'prompt": "prompt"}
+        return [next((name for start, name in what.items() if d.startswith(start)), "setup") + f" ({d})"
+                for d in diffs]
     diffs = []
     for key in ("judge", "decision"):
         if old.get(key) != new.get(key):
@@ -596,8 +637,10 @@ def run_judge(judge: Judge, pairs: Sequence[Pair], output: str | Path, *, rule: 
               stop_after: int | None = None) -> list[dict]:
     """Judge every pair in both orders and append one row per pair to ``output`` (JSONL), resumably.
 
-    An existing file must carry the same judge, settings, decision rule and prompt (else ValueError naming
-    what differs); pairs already in it (same index and instruction) are kept, not redone. Rows are appended
+    An existing file must carry the same fingerprint (:func:`verdicts_header`: judge, settings, decision
+    rule, prompt and the content hashes of the A and B files), else
+    :class:`~cmerl.fingerprint.RunMismatchError` (a ValueError) naming what differs; pairs already in it
+    (same index and instruction, judged on the same outputs: ``pair_sha256``) are kept, not redone. Rows are appended
     and fsynced every ``chunk_pairs`` pairs, so an interrupted run loses at most one chunk. An order whose
     output is unusable is retried once. ``stop_after`` judges at most that many new pairs (for tests and
     budgets). Returns all rows of the file, in pair order.
@@ -609,10 +652,17 @@ def run_judge(judge: Judge, pairs: Sequence[Pair], output: str | Path, *, rule: 
             raise ValueError(f"{out} exists but is not a cmerl verdicts file; pass another --output")
         diffs = _same_setup(old_header, header)
         if diffs:
-            raise ValueError(f"{out} was judged with a different {', '.join(diffs)}; pass another --output "
-                             "(or delete the file) to judge with these settings")
+            raise RunMismatchError(f"{out} was judged with a different {'; '.join(diffs)}; pass another --output "
+                                   "(or delete the file) to judge with these settings")
     else:
         append_jsonl(out, [header])
+    current = {(p.index, p.instruction): pair_sha256(p) for p in pairs}
+    for r in old_rows:
+        key = (r["index"], r.get("instruction"))
+        if key in current and r.get("pair_sha256") != current[key]:
+            raise RunMismatchError(f"{out}: the verdict on pair {r['index']} ({str(r.get('instruction'))[:60]!r}) "
+                                   "was judged on other outputs than this run's: it belongs to another run; pass "
+                                   "another --output (or delete the file)")
     done = {(r["index"], r.get("instruction")) for r in old_rows}
     todo = [p for p in pairs if (p.index, p.instruction) not in done]
     if stop_after is not None:
@@ -659,7 +709,8 @@ def judge_pairs(judge: Judge, pairs: Sequence[Pair], rule: DecisionRule = Decisi
     for n, p in enumerate(pairs):
         ab, ba = results[2 * n], results[2 * n + 1]
         verdict, margin, consistent = decide(ab, ba, rule)
-        rows.append({"index": p.index, "instruction": p.instruction, "dataset": p.dataset,
+        rows.append({"index": p.index, "instruction": p.instruction, "pair_sha256": pair_sha256(p),
+                     "dataset": p.dataset,
                      "generator_a": p.generator_a, "generator_b": p.generator_b,
                      "len_a": len(p.output_a), "len_b": len(p.output_b),
                      "verdict": verdict, "margin": margin, "consistent": consistent,

@@ -29,6 +29,8 @@ def bootstrap_ci(values: Sequence[float], *, n_boot: int = 10_000, seed: int = 0
     Resamples ``len(values)`` items with replacement ``n_boot`` times with ``numpy.random.default_rng(seed)``
     and returns the ``(1-level)/2`` and ``(1+level)/2`` quantiles (numpy's default linear interpolation).
     """
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot must be an integer >= 1 (got {n_boot!r})")
     x = np.asarray(list(values), dtype=np.float64)
     if x.size == 0:
         return None, None
@@ -171,17 +173,101 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return pearson(ranks(x), ranks(y))
 
 
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve of ``scores`` for telling ``labels`` True (positives) from False.
+
+    It is P(a random positive scores higher than a random negative) + 1/2 P(they score the same), i.e. the
+    Mann-Whitney U statistic over n_pos x n_neg: above 0.5 means positives score higher, 0.5 no
+    separation, 1.0 every positive above every negative. Ties count 1/2 (average ranks). ``None`` when
+    there is no positive or no negative; a NaN score raises ValueError naming it.
+    """
+    s = np.asarray(list(scores), dtype=np.float64)
+    y = np.asarray(list(labels), dtype=bool)
+    if s.shape != y.shape:
+        raise ValueError(f"got {s.size} scores but {y.size} labels")
+    if np.isnan(s).any():
+        raise ValueError(f"score {int(np.flatnonzero(np.isnan(s))[0])} is NaN")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    rank_sum = float(ranks(s)[y].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+@dataclass
+class Auroc:
+    """An AUROC with a percentile bootstrap interval. ``n_pos`` / ``n_neg``: positives and negatives;
+    ``n_groups``: clusters resampled (problems, when several samples share one); ``value`` and the
+    interval are ``None`` when one class is empty."""
+
+    value: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n_pos: int
+    n_neg: int
+    n_groups: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def auroc_interval(scores: Sequence[float], labels: Sequence[bool], groups: Sequence | None = None, *,
+                   n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Auroc:
+    """:func:`auroc` with a bootstrap interval over ``groups`` (a cluster bootstrap: whole groups are
+    resampled with replacement, since samples of one problem are not independent; default one group per
+    item). Resamples that lack a positive or a negative are drawn again, up to ``10 * n_boot`` draws."""
+    s = np.asarray(list(scores), dtype=np.float64)
+    y = np.asarray(list(labels), dtype=bool)
+    value = auroc(s, y)
+    keys = list(range(s.size)) if groups is None else list(groups)
+    if len(keys) != s.size:
+        raise ValueError(f"got {s.size} scores but {len(keys)} group ids")
+    index: dict = {}
+    for i, g in enumerate(keys):
+        index.setdefault(g, []).append(i)
+    members = [np.asarray(v) for v in index.values()]
+    if value is None:
+        return Auroc(None, None, None, int(y.sum()), int((~y).sum()), len(members))
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1) (got {level})")
+    rng = np.random.default_rng(seed)
+    values: list[float] = []
+    draws = 0
+    while len(values) < n_boot and draws < 10 * n_boot:
+        draws += 1
+        rows = np.concatenate([members[g] for g in rng.integers(0, len(members), size=len(members))])
+        v = auroc(s[rows], y[rows])
+        if v is not None:
+            values.append(v)
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2]) if values else (None, None)
+    return Auroc(value, None if lo is None else float(lo), None if hi is None else float(hi),
+                 int(y.sum()), int((~y).sum()), len(members))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct (Chen et al. 2021):
+    ``1 - C(n - c, k) / C(n, k)``; needs ``1 <= k <= n`` and ``0 <= c <= n``."""
+    if not 1 <= k <= n or not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n and 0 <= c <= n (got n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
 _WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def word_tokens(text: str) -> list[str]:
+    """Lower-cased word tokens (``\\w+`` runs) of a text: the unit of the text-level statistics here."""
+    return _WORD.findall(text.lower())
 
 
 def repetition_rate(text: str, n: int = 4) -> float:
     """Fraction of word n-grams that repeat an earlier n-gram of the same text (0 = none, near 1 = a
-    loop); 0.0 for texts shorter than ``n`` words."""
-    words = _WORD.findall(text.lower())
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    if not grams:
-        return 0.0
-    return 1.0 - len(set(grams)) / len(grams)
+    loop); 0.0 for texts shorter than ``n`` words (:func:`cmerl.diagnostics.repeated_ngram_share` on words)."""
+    from cmerl.diagnostics import repeated_ngram_share
+
+    return repeated_ngram_share(word_tokens(text), n)
 
 
 def length_stats(texts: Sequence[str]) -> dict:
@@ -194,6 +280,57 @@ def length_stats(texts: Sequence[str]) -> dict:
             "mean_words": float(np.mean([len(t.split()) for t in texts])),
             "empty_frac": sum(1 for t in texts if not t.strip()) / len(texts),
             "repetition_4gram": float(np.mean([repetition_rate(t) for t in texts]))}
+
+
+def self_bleu(texts: Sequence[str], *, max_texts: int | None = 100, seed: int = 0) -> float | None:
+    """Self-BLEU (Zhu et al. 2018): the mean over texts of sacrebleu's sentence BLEU (0-100, default 13a
+    tokenisation, exp smoothing) of each text against all the *other* texts as references. High = the
+    outputs resemble each other (less diverse). Empty texts are left out; with more than ``max_texts``
+    texts a seeded random sample of that many is used (it is quadratic). ``None`` with fewer than 2."""
+    import random
+
+    import sacrebleu
+
+    pool = [t for t in texts if t.strip()]
+    if max_texts is not None and len(pool) > max_texts:
+        pool = random.Random(seed).sample(pool, max_texts)
+    if len(pool) < 2:
+        return None
+    scores = [sacrebleu.sentence_bleu(t, pool[:i] + pool[i + 1:]).score for i, t in enumerate(pool)]
+    return float(np.mean(scores))
+
+
+def drift_stats(texts: Sequence[str], *, finish_reasons: Sequence[str | None] | None = None,
+                self_bleu_texts: int | None = 100, seed: int = 0) -> dict:
+    """Drift statistics of a set of outputs (one system's answers): length in characters and words (mean,
+    median, std with ddof 0), corpus-level distinct-1/2 over word tokens (:func:`cmerl.diagnostics.distinct_n`),
+    self-BLEU (:func:`self_bleu`, 0-100), mean repeated 4-gram share per text (:func:`repetition_rate`),
+    the empty fraction (blank after stripping) and the truncated fraction (``finish_reason == "length"``;
+    ``None`` when no finish reasons are given). Empty input gives ``n = 0`` and ``None`` everywhere."""
+    from cmerl.diagnostics import distinct_n
+
+    keys = ("chars_mean", "chars_median", "chars_std", "words_mean", "words_median", "words_std", "distinct_1",
+            "distinct_2", "self_bleu", "repeated_4gram_share", "empty_frac", "truncated_frac")
+    if not texts:
+        return {"n": 0, **{k: None for k in keys}}
+    if finish_reasons is not None and len(finish_reasons) != len(texts):
+        raise ValueError(f"got {len(finish_reasons)} finish reasons for {len(texts)} texts")
+    chars = np.asarray([len(t) for t in texts], dtype=np.float64)
+    toks = [word_tokens(t) for t in texts]
+    words = np.asarray([len(w) for w in toks], dtype=np.float64)
+
+    def _nan_none(x: float) -> float | None:
+        return None if math.isnan(x) else float(x)
+
+    known = [r for r in finish_reasons if r is not None] if finish_reasons is not None else []
+    return {"n": len(texts), "chars_mean": float(chars.mean()), "chars_median": float(np.median(chars)),
+            "chars_std": float(chars.std()), "words_mean": float(words.mean()),
+            "words_median": float(np.median(words)), "words_std": float(words.std()),
+            "distinct_1": _nan_none(distinct_n(toks, 1)), "distinct_2": _nan_none(distinct_n(toks, 2)),
+            "self_bleu": self_bleu(texts, max_texts=self_bleu_texts, seed=seed),
+            "repeated_4gram_share": float(np.mean([repetition_rate(t) for t in texts])),
+            "empty_frac": sum(1 for t in texts if not t.strip()) / len(texts),
+            "truncated_frac": sum(1 for r in known if r == "length") / len(known) if known else None}
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

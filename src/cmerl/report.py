@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,11 +168,11 @@ def _is_outputs_file(path: Path) -> list[dict] | None:
 
 
 def write_report(directory: str | Path, *, output: str | Path | None = None, metrics: str | Path | None = None,
-                 seed: int = 0) -> Report:
+                 seed: int = 0, outputs: Sequence[str | Path] = ()) -> Report:
     """Write ``report.md`` (and figures) for a run or results folder; see the module docstring.
 
     ``output``: a ``.md`` path, or a folder that gets ``report.md``; figures go to ``figures/`` beside the
-    report. Default: ``directory/report.md``."""
+    report. Default: ``directory/report.md``. ``outputs``: more outputs files (anywhere) for the drift table."""
     from cmerl.evaluation import find_metrics
 
     d = Path(directory).expanduser()
@@ -186,7 +187,7 @@ def write_report(directory: str | Path, *, output: str | Path | None = None, met
     verdicts = _verdicts_section(d, rep, seed)
     if verdicts is None:
         missing.append("no `*verdicts*.jsonl` (run `cmerl judge` or `cmerl eval`)")
-    lines += (verdicts or []) + _outputs_section(d, rep) + _checks_section(d, rep)
+    lines += _matrix_section(d, rep) + (verdicts or []) + _outputs_section(d, rep, outputs) + _checks_section(d, rep)
     mpath = Path(metrics) if metrics else find_metrics(d)
     if mpath and Path(mpath).is_file():
         lines += _training_section(Path(mpath), rep)
@@ -203,7 +204,7 @@ def write_report(directory: str | Path, *, output: str | Path | None = None, met
 
 def _verdicts_section(d: Path, rep: Report, seed: int) -> list[str] | None:
     """Win rate table and figures of each ``*verdicts*.jsonl`` in ``d``; None when there is none."""
-    from cmerl.evaluation import agreement_text, summarize_verdicts
+    from cmerl.evaluation import agreement_text, length_controlled_text, summarize_verdicts
     from cmerl.judging import read_verdicts
     from cmerl.metrics import format_pct
 
@@ -233,7 +234,8 @@ def _verdicts_section(d: Path, rep: Report, seed: int) -> list[str] | None:
                   "|---|---|---|---|---|---|---|---|---|---|---|",
                   (f"| {w.n} | {w.wins} | {w.ties} | {w.losses} | {w.errors} | {format_pct(w.win_rate)} | "
                    f"{format_pct(w.ci_low)}-{format_pct(w.ci_high)} | {format_pct(w.win_rate_no_ties)} | "
-                   f"{format_pct(w.consistency)} | {w.mean_len_a or 0:.0f} | {w.mean_len_b or 0:.0f} |"), ""]
+                   f"{format_pct(w.consistency)} | {w.mean_len_a or 0:.0f} | {w.mean_len_b or 0:.0f} |"), "",
+                  length_controlled_text(summary.length_controlled) + ".", ""]
         if w.n:
             f1 = winrate_figure(summary, rows, rep.figure_dir / f"{stem}_winrate.png", seed=seed)
             judged = [r for r in rows if r["verdict"] != "error" and r.get("len_a") is not None]
@@ -245,26 +247,112 @@ def _verdicts_section(d: Path, rep: Report, seed: int) -> list[str] | None:
     return lines
 
 
-def _outputs_section(d: Path, rep: Report) -> list[str]:
-    """Length and repetition statistics of each AlpacaEval-format outputs file in ``d``."""
-    from cmerl.metrics import format_pct, length_stats
+def _outputs_section(d: Path, rep: Report, extra: Sequence[str | Path] = ()) -> list[str]:
+    """Drift statistics (:func:`cmerl.metrics.drift_stats`) of each AlpacaEval-format outputs file in ``d``
+    and of the ``extra`` files, with a figure of the diversity and degeneration fractions and one of the
+    length distributions."""
+    from cmerl.metrics import drift_stats, format_pct
 
-    outputs = [(p, rows) for p in sorted(d.glob("*.json")) if (rows := _is_outputs_file(p))]
-    if not outputs:
+    found = [(p, rows) for p in sorted(d.glob("*.json")) if (rows := _is_outputs_file(p))]
+    for e in extra:
+        rows = _is_outputs_file(Path(e))
+        if rows is None:
+            raise ValueError(f"{e} is not an AlpacaEval outputs file (a list of objects with instruction and output)")
+        found.append((Path(e), rows))
+    if not found:
         return []
-    lines = ["## Generated outputs", "",
-             ("| file | generator | n | mean chars | median chars | mean words | empty | stopped at max length | "
-              "4-gram repetition |"), "|---|---|---|---|---|---|---|---|---|"]
-    for p, rows in outputs:
+    lines = ["## Generated outputs: length and drift", "",
+             ("| file | generator | n | mean chars | median chars | std chars | mean words | distinct-1 | distinct-2 | "
+              "self-BLEU | repeated 4-grams | empty | stopped at max length |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    stats = []
+    for p, rows in found:
         rep.inputs.append(p)
-        st = length_stats([str(r.get("output", "")) for r in rows])
-        cut = sum(1 for r in rows if r.get("finish_reason") == "length") / len(rows)
-        lines.append(f"| `{p.name}` | {rows[0].get('generator', '?')} | {st['n']} | {st['mean_chars']:.0f} | "
-                     f"{st['median_chars']:.0f} | {st['mean_words']:.0f} | {format_pct(st['empty_frac'])} | "
-                     f"{format_pct(cut)} | {format_pct(st['repetition_4gram'])} |")
-    gen = outputs[0][1][0].get("generation")
+        reasons = [r.get("finish_reason") for r in rows]
+        st = drift_stats([str(r.get("output", "")) for r in rows],
+                         finish_reasons=reasons if any(x is not None for x in reasons) else None)
+        label = str(rows[0].get("generator", p.stem))
+        stats.append((label, st, [len(str(r.get("output", ""))) for r in rows]))
+        sb = "n/a" if st["self_bleu"] is None else f"{st['self_bleu']:.1f}"
+        lines.append(f"| `{p.name}` | {label} | {st['n']} | {st['chars_mean']:.0f} | {st['chars_median']:.0f} | "
+                     f"{st['chars_std']:.0f} | {st['words_mean']:.0f} | {format_pct(st['distinct_1'])} | "
+                     f"{format_pct(st['distinct_2'])} | {sb} | {format_pct(st['repeated_4gram_share'])} | "
+                     f"{format_pct(st['empty_frac'])} | {format_pct(st['truncated_frac'])} |")
+    lines += ["", ("distinct-n: unique word n-grams / all word n-grams over the file; self-BLEU: sacrebleu sentence "
+                   "BLEU (0-100) of each output against the others (100 sampled outputs at most): higher means the "
+                   "outputs look alike; repeated 4-grams: share of a text's word 4-grams seen earlier in it, mean "
+                   "over texts.")]
+    f1 = drift_figure(stats, rep.figure_dir / "outputs_drift.png")
+    f2 = length_distributions([(label, lens) for label, _, lens in stats], rep.figure_dir / "outputs_lengths.png")
+    rep.figures += [f1, f2]
+    lines += ["", f"![drift statistics]({rep.link(f1)})", "", f"![output lengths]({rep.link(f2)})"]
+    gen = found[0][1][0].get("generation")
     if gen:
         lines += ["", f"Generation settings: `{json.dumps(gen, sort_keys=True)}`"]
+    return lines + [""]
+
+
+def drift_figure(stats: list[tuple[str, dict, list[int]]], figure: Path) -> Path:
+    """Grouped bars per outputs file: distinct-1, distinct-2, self-BLEU / 100, repeated 4-gram share, empty
+    and truncated fractions (all in [0, 1])."""
+    plt = _plt()
+    keys = [("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("self_bleu", "self-BLEU/100"),
+            ("repeated_4gram_share", "rep. 4-grams"), ("empty_frac", "empty"), ("truncated_frac", "truncated")]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(keys)), 3.8))
+    width = 0.8 / max(1, len(stats))
+    for k, (label, st, _) in enumerate(stats):
+        vals = [((st[key] or 0.0) / (100 if key == "self_bleu" else 1)) for key, _ in keys]
+        ax.bar([x + k * width for x in range(len(keys))], vals, width=width, label=label)
+    ax.set_xticks([x + width * (len(stats) - 1) / 2 for x in range(len(keys))], [name for _, name in keys])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("fraction")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=110)
+    plt.close(fig)
+    return figure
+
+
+def length_distributions(series: list[tuple[str, list[int]]], figure: Path) -> Path:
+    """Overlaid histograms of output lengths (characters), one per outputs file."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    hi = max([1, *[x for _, lens in series for x in lens]])
+    bins = [hi * k / 20 for k in range(21)]
+    for label, lens in series:
+        ax.hist(lens, bins=bins, alpha=0.5, label=f"{label} (median {sorted(lens)[len(lens) // 2] if lens else 0})")
+    ax.set_xlabel("output length (characters)")
+    ax.set_ylabel("outputs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=110)
+    plt.close(fig)
+    return figure
+
+
+def _matrix_section(d: Path, rep: Report) -> list[str]:
+    """The comparison matrix of ``cmerl eval`` with several systems (``matrix.json``), if there is one."""
+    path = d / "matrix.json"
+    if not path.is_file():
+        return []
+    from cmerl.comparison import MatrixResult
+
+    try:
+        data = json.loads(path.read_text())
+        result = MatrixResult(**data)
+    except (ValueError, TypeError):
+        return []
+    rep.inputs.append(path)
+    lines = ["## Comparison matrix", "", (f"Win rate of the row system over the column system (ties count half), "
+                                          f"mean over the judges {', '.join(result.judges)}; per-pair reports under "
+                                          "`pairs/`."), "",
+             result.table(), ""]
+    for p in result.pairs:
+        folder = Path(p["folder"])
+        if (folder / "report.md").is_file():
+            lines.append(f"- [{p['a']} vs {p['b']}]({rep.link(folder / 'report.md')})")
     return lines + [""]
 
 

@@ -3,7 +3,7 @@
 from cmerl.cli import score as _score  # noqa: F401  (registers commands)
 from cmerl.cli.app import app
 
-for _mod in ("train", "evaluate", "serve"):
+for _mod in ("train", "evaluate", "serve", "study", "maths"):
     try:
         __import__(f"cmerl.cli.{_mod}")
     except ModuleNotFoundError as _exc:  # a command group not written yet

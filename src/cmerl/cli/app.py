@@ -60,9 +60,17 @@ def show_library_log() -> None:
     """Print the library's one-line notices (``cmerl`` logger, INFO: e.g. which dtype a model loaded in and
     why) on stderr. Library calls stay quiet unless the caller configures logging; commands are not."""
     log = logging.getLogger("cmerl")
-    if not any(getattr(h, "cmerl_cli", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.cmerl_cli = True
-        log.addHandler(handler)
+    if not any(isinstance(h, _CurrentStderr) for h in log.handlers):
+        log.addHandler(_CurrentStderr())
     log.setLevel(logging.INFO)
+
+
+class _CurrentStderr(logging.Handler):
+    """Writes each record's message to whatever ``sys.stderr`` is at that moment (not the stream of the
+    first command: test runners swap and close it between invocations)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(record.getMessage() + "\n")
+        except (ValueError, OSError):  # a closed or broken stream: drop the notice, never the command
+            pass

@@ -42,15 +42,40 @@ def progress_path(output: Path) -> Path:
     return output if output.suffix == ".jsonl" else output.with_name(f".{output.name}.partial.jsonl")
 
 
-def resume_rows(progress: Path, pairs: list[tuple[object, str]], verifier: str,
-                required: tuple[str, ...] = ()) -> list[dict]:
-    """Rows already scored in ``progress`` (complete lines); they must be the first rows of this input,
-    scored by this verifier with the ``required`` fields, else ValueError naming the first that differs."""
-    from cmerl.io import iter_jsonl
+def score_fingerprint(input: Path, verifier: str, *, dtype: str, entropy: bool, tokens: bool):
+    """What a ``cmerl score`` run is made of (:mod:`cmerl.fingerprint`): the input file's content, the
+    verifier (name and what its weights are), the dtype setting and the options that add fields."""
+    from cmerl.fingerprint import Fingerprint, model_fingerprint, sha256_file
 
-    done = list(iter_jsonl(progress))
+    return Fingerprint("score", inputs={"input": sha256_file(input)},
+                       settings={"verifier": verifier, "model": model_fingerprint(verifier), "dtype": dtype,
+                                 "entropy": entropy, "tokens": tokens})
+
+
+def done_rows(output: Path) -> list:
+    """Rows an earlier run of this output left: the progress file (complete lines; anything that is not a
+    JSON row raises ValueError naming the line), or a finished ``.json`` output when no progress file is
+    left."""
+    from cmerl.io import iter_jsonl, read_records
+
+    progress = progress_path(output)
+    if progress.is_file() or progress == output:
+        return list(iter_jsonl(progress, strict=True))
+    if output.is_file() and output.stat().st_size > 0:
+        rows, bad = read_records(output)
+        if bad:
+            raise ValueError(f"{output}: line {bad[0].line}: {bad[0].reason}")
+        return [row for _, row in rows]
+    return []
+
+
+def resume_rows(done: list, pairs: list[tuple[object, str]], verifier: str, where: Path,
+                required: tuple[str, ...] = ()) -> list[dict]:
+    """The rows of an earlier run (``done``, from ``where``) to keep: they must be the first rows of this
+    input, scored by this verifier with the ``required`` fields, else ValueError naming the first that
+    differs."""
     if len(done) > len(pairs):
-        raise ValueError(f"{progress} already holds {len(done)} scored rows, more than the {len(pairs)} usable "
+        raise ValueError(f"{where} already holds {len(done)} scored rows, more than the {len(pairs)} usable "
                          "rows of this input: it belongs to another run; remove it or choose another --output")
     for k, (row, pair) in enumerate(zip(done, pairs)):
         try:
@@ -59,10 +84,18 @@ def resume_rows(progress: Path, pairs: list[tuple[object, str]], verifier: str,
         except ValueError:
             same = False
         if not same:
-            raise ValueError(f"{progress} row {k + 1} is not usable row {k + 1} of this input scored by "
+            raise ValueError(f"{where} row {k + 1} is not usable row {k + 1} of this input scored by "
                              f"{verifier!r} with these options: it belongs to another run; remove it or choose another "
                              "--output")
     return done
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (also through links); False when either does not exist."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
 
 
 @app.command()
@@ -99,17 +132,30 @@ def score(
         except ValueError as exc:
             bad.append(BadRow(line, str(exc)))
     for b in sorted(bad, key=lambda b: b.line):
-        console.print(f"[yellow]skipped line {b.line}: {escape(b.reason)}[/yellow]")
+        console.print(f"[yellow]{escape(str(input))}: skipped line {b.line}: {escape(b.reason)}[/yellow]")
     if not pairs:
         console.print(f"[red]no usable rows in {input}[/red]")
         raise typer.Exit(1)
     progress = progress_path(output)
+    for target in {output, progress}:
+        if same_file(target, input):
+            console.print(f"[red]refusing to write over the input: --output {escape(str(output))} is "
+                          f"{'' if target == output else 'the progress file of '}--input {escape(str(input))}; "
+                          "choose another --output[/red]")
+            raise typer.Exit(2)
     try:
+        from cmerl.fingerprint import guard_output
+
+        fingerprint = score_fingerprint(input, verifier, dtype=dtype, entropy=entropy, tokens=tokens)
+        done = done_rows(output)
+        guard_output(output, fingerprint, has_rows=bool(done) or (output.is_file() and output.stat().st_size > 0))
         required = ("mean_entropy",) * entropy + ("token_logprobs",) * tokens
-        out = resume_rows(progress, pairs, verifier, required)
-    except ValueError as exc:
+        out = resume_rows(done, pairs, verifier, progress if progress.is_file() else output, required)
+    except input_errors(ValueError) as exc:
         console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2) from None
+    if out and progress != output and not progress.is_file():
+        append_jsonl(progress, out)  # a finished .json being resumed: carry its rows on in the progress file
     if out:
         console.print(f"resuming: {len(out)} of {len(pairs)} rows already scored in {progress}")
     seconds = 0.0

@@ -34,12 +34,12 @@ def _check_run(cfg, source, console, processes: int | None) -> None:
     import os
 
     from cmerl import training
-    from cmerl.models import check_available
+    from cmerl.models import check_loadable
 
-    names = [cfg.policy] + [v for v in cfg.verifiers if "cme" in cfg.rewards and not training.is_remote(v)]
+    names = [cfg.policy] + [v for v in cfg.verifiers if training.uses_verifiers(cfg) and not training.is_remote(v)]
     try:
         for name in names:
-            check_available(name)
+            check_loadable(name)  # resolves here: installed, a real path, or a hub id reachable or cached
     except _user_errors() as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
@@ -48,39 +48,32 @@ def _check_run(cfg, source, console, processes: int | None) -> None:
     typer.echo(training.describe_run(cfg, processes=processes))
 
 
-@app.command()
-def train(
-    config: Path = typer.Option(None, "--config", "-c", help="YAML run config (see --print-config)."),
-    set_: list[str] = typer.Option([], "--set", "-s", help="Override a config key: key=value (repeatable; trl.NAME=value for TRL passthrough)."),
-    resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its last complete checkpoint."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print every config key with its default and documentation, then exit."),
-    check: bool = typer.Option(False, "--check", help="Validate the config and the model names, print what the run would do, then exit (loads no model)."),
-    processes: int = typer.Option(None, "--processes", help="With --check: data-parallel processes to plan for (default: $WORLD_SIZE or 1)."),
-) -> None:
-    """Train a policy with GRPO on CME (or baseline) rewards, through TRL's GRPOTrainer."""
-    from rich.console import Console
-
+def _load(config: Path | None, resume: Path | None, overrides: list[str], method: str | None, console):
+    """The run config of a new run (``--config`` + ``--set`` + ``--method``) or of ``--resume RUN_DIR``;
+    a usage error ends the command with exit code 2."""
     from cmerl import training
 
-    console = Console(stderr=True, soft_wrap=True)
-    if print_config:
-        typer.echo(training.config_template(), nl=False)
-        return
     if (config is None) == (resume is None):
         console.print("[red]give exactly one of --config FILE (new run) or --resume RUN_DIR[/red]")
         raise typer.Exit(2)
-    _quiet_libraries()
     try:
-        cfg = (training.read_run_config(resume, set_) if resume is not None
-               else training.load_config(config, set_))
+        if resume is not None:
+            cfg = training.read_run_config(resume, overrides)
+            if method is not None and method != cfg.method:
+                raise training.ConfigError(f"{resume} is a {cfg.method} run; --method {method} cannot change it "
+                                           "(start a new run instead)")
+            return cfg
+        return training.load_config(config, [*overrides, *([f"method={method}"] if method else [])])
     except _user_errors() as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    if check:
-        _check_run(cfg, config or resume, console, processes)
-        return
+
+
+def _train(cfg, resume: bool, console) -> None:
+    from cmerl import training
+
     try:
-        result = training.train(cfg, resume=resume is not None, progress=True, echo=console.print)
+        result = training.train(cfg, resume=resume, progress=True, echo=console.print)
     except _user_errors() as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
@@ -90,6 +83,71 @@ def train(
                       f"  run card     {result.run_dir / training.RUN_CARD_NAME}\n"
                       f"  checkpoint   {result.last_checkpoint}\n"
                       f"  final model  {result.final_dir}")
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(None, "--config", "-c", help="YAML run config (see --print-config)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a config key: key=value (repeatable; trl.NAME=value for TRL passthrough)."),
+    resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its last complete checkpoint."),
+    method: str = typer.Option(None, "--method", help="grpo (default), dpo (DPOTrainer on prompt/chosen/rejected rows) or distill (SFT on the verifier's answers, = cmerl distill); the config key `method`."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print every config key with its default and documentation, then exit."),
+    check: bool = typer.Option(False, "--check", help="Validate the config and the model names, print what the run would do, then exit (loads no model)."),
+    processes: int = typer.Option(None, "--processes", help="With --check: data-parallel processes to plan for (default: $WORLD_SIZE or 1)."),
+) -> None:
+    """Train a policy with GRPO on CME (or baseline) rewards through TRL's GRPOTrainer, or with a baseline
+    method (--method dpo | distill) through TRL's DPOTrainer / SFTTrainer."""
+    from rich.console import Console
+
+    from cmerl import training
+
+    console = Console(stderr=True, soft_wrap=True)
+    if print_config:
+        typer.echo(training.config_template(), nl=False)
+        return
+    _quiet_libraries()
+    cfg = _load(config, resume, set_, method, console)
+    if check:
+        _check_run(cfg, config or resume, console, processes)
+        return
+    _train(cfg, resume is not None, console)
+
+
+@app.command()
+def distill(
+    config: Path = typer.Option(None, "--config", "-c", help="YAML run config, the same as for `cmerl train` (see --print-config)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a config key: key=value (repeatable)."),
+    resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory: missing teacher answers, then SFT from the last complete checkpoint."),
+    check: bool = typer.Option(False, "--check", help="Validate the config and the model names, print what the run would do, then exit (loads no model)."),
+    generate_only: bool = typer.Option(False, "--generate-only", help="Generate the verifier's answers (resumable) and exit; train later with --resume RUN_DIR (e.g. under accelerate launch)."),
+    processes: int = typer.Option(None, "--processes", help="With --check: data-parallel processes to plan for (default: $WORLD_SIZE or 1)."),
+) -> None:
+    """The distillation baseline: the first verifier answers the training prompts (sampling settings recorded,
+    resumable), then TRL's SFTTrainer fine-tunes the policy on those answers with the step and token budget
+    of a GRPO run of the same config. Same run directory, checkpoints, run card and metrics.jsonl as
+    `cmerl train`."""
+    from rich.console import Console
+
+    from cmerl import training
+
+    console = Console(stderr=True, soft_wrap=True)
+    _quiet_libraries()
+    cfg = _load(config, resume, set_, "distill", console)
+    if check:
+        _check_run(cfg, config or resume, console, processes)
+        return
+    if generate_only:
+        try:
+            training.prepare_run_dir(cfg, resume=resume is not None, echo=console.print)
+            training.prepare_teacher_outputs(cfg, progress=True, echo=console.print)
+        except _user_errors() as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from None
+        console.print(f"[bold green]done[/bold green]: teacher answers in "
+                      f"{Path(cfg.output_dir) / training.TEACHER_OUTPUTS_NAME}; train with "
+                      f"`cmerl distill --resume {cfg.output_dir}`")
+        return
+    _train(cfg, resume is not None, console)
 
 
 @app.command()

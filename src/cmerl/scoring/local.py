@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from cmerl.formatting import Prompt, RenderConfig, completion_text, render_pair
-from cmerl.scoring.types import ResponseScore, ScoreRequest
+from cmerl.scoring.types import ResponseScore, ScoreRequest, attach_token_positions
 
 DEFAULT_LOGPROB_FLOOR = -20.0
 MIN_SHARED_PREFIX = 8  # tokens; shorter common prefixes are not worth a separate forward
@@ -48,7 +48,7 @@ def check_pairs(prompts: Sequence, responses: Sequence) -> None:
 def render_request(tokenizer, config: RenderConfig, prompt: Prompt, response: str) -> ScoreRequest:
     """One pair rendered and tokenized (see :func:`cmerl.formatting.render_pair`)."""
     pair = render_pair(tokenizer, prompt, response, config)
-    return ScoreRequest(pair.input_ids, pair.response_start)
+    return ScoreRequest(pair.input_ids, pair.response_start, pair.response_offsets)
 
 
 def render_requests(tokenizer, config: RenderConfig, prompts: Sequence[Prompt],
@@ -228,6 +228,7 @@ class Verifier:
                                            prefix_len=prefix_len, prefix_cache=cache if prefix_len else None)
                 for i, res in zip(rows, scores):
                     results[i] = res
+        attach_token_positions(results, list(requests))  # type: ignore[arg-type]
         self.last_seconds = time.perf_counter() - t0
         return results  # type: ignore[return-value]
 

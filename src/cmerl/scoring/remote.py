@@ -45,7 +45,7 @@ from cmerl.scoring.local import (
     render_requests,
     truncate_request,
 )
-from cmerl.scoring.types import ResponseScore, ScoreRequest
+from cmerl.scoring.types import ResponseScore, ScoreRequest, attach_token_positions
 
 PROTOCOLS = ("auto", "openai", "cmerl")
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -451,7 +451,10 @@ class RemoteVerifier:
         else:
             parts = await asyncio.gather(*(self._cmerl_chunk(c, entropy, self_certainty) for c in chunks))
         self.last_seconds = loop.time() - t0
-        return [s for part in parts for s in part]
+        scores = [s for part in parts for s in part]
+        tokenized = [k for k, it in enumerate(items) if isinstance(it, ScoreRequest)]
+        attach_token_positions([scores[k] for k in tokenized], [items[k] for k in tokenized])
+        return scores
 
     async def _cmerl_chunk(self, items: list[Any], entropy: bool, self_certainty: bool) -> list[ResponseScore]:
         wire = [{"input_ids": list(it.input_ids), "response_start": it.response_start}
@@ -472,6 +475,10 @@ class RemoteVerifier:
             out.append(summarize(s["token_logprobs"], floor=self.logprob_floor, empty_score=self.empty_score,
                                  truncated=bool(s.get("truncated")), token_entropies=s.get("token_entropies"),
                                  token_self_certainty=s.get("token_self_certainty")))
+            if isinstance(s.get("token_ids"), list):  # servers before 0.2 send neither
+                out[-1].token_ids = [int(t) for t in s["token_ids"]]
+            if isinstance(s.get("token_offsets"), list):
+                out[-1].token_offsets = [(int(a), int(b)) for a, b in s["token_offsets"]]
         return out
 
     async def _openai_chunk(self, items: list[ScoreRequest], info: ServerInfo) -> list[ResponseScore]:

@@ -9,11 +9,17 @@ Routes (all JSON; errors are ``{"error": {"message", "type", "param", "code"}}``
 * ``POST /get_reward``: OpenRLHF's remote reward protocol (:mod:`cmerl.integrations.openrlhf`).
 * ``POST /v1/completions``: the scoring subset of vLLM's endpoint (``prompt_logprobs``; nothing is
   generated: ``text`` is empty). ``POST /tokenize`` and ``GET /v1/models`` as in vLLM.
-* ``GET /health`` (no token needed; 200 with what is served), ``GET /metrics`` (Prometheus text).
+* ``GET /health`` (no token needed; 200 with what is served), ``GET /metrics`` (Prometheus text),
+  ``GET /openapi.json`` (the OpenAPI 3.1 document of all routes, :mod:`cmerl.serving.openapi`).
 
 Protection: bodies over ``max_body_bytes`` or with more than ``max_items`` items get 413; undecodable
-bodies 400; schema errors 422 naming the field; a full queue 503 with ``Retry-After``; with an API key
-set (``CMERL_API_KEY``), every route but ``/health`` needs ``Authorization: Bearer <key>`` (401/403).
+bodies 400 (not UTF-8, not JSON, ``NaN``/``Infinity`` constants, numbers beyond float64 such as
+``1e400``, nesting deeper than the JSON parser goes); schema errors 422 naming the field (CME floats must
+be finite: ``logprob_floor`` in [-1e6, 0], ``|empty_score| <= 1e6``); a full queue 503 with
+``Retry-After``; unknown routes 404 and wrong methods 405 (with ``Allow``); with an API key set
+(``CMERL_API_KEY``), every route but ``/health`` needs ``Authorization: Bearer <key>`` (401/403). Every
+error, 500 included, has the error format above, and a refused request leaves its keep-alive connection
+usable.
 
 The engine runs in one worker thread behind a :class:`~cmerl.serving.batcher.DynamicBatcher`. The engine
 itself clamps nothing (floor -9999, like vLLM's JSON clamp); the CME floor and empty-response score are
@@ -25,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import math
 import os
 import time
@@ -37,6 +44,7 @@ from typing import Any, ClassVar
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cmerl.formatting import RenderConfig, render_pair
 from cmerl.integrations.openrlhf import (
@@ -50,14 +58,26 @@ from cmerl.integrations.openrlhf import (
 )
 from cmerl.scoring.local import truncate_request
 from cmerl.scoring.remote import summarize
-from cmerl.scoring.types import ResponseScore, ScoreRequest
+from cmerl.scoring.types import ResponseScore, ScoreRequest, attach_token_positions
 from cmerl.serving.batcher import DynamicBatcher, Options, QueueFull, ShuttingDown
 from cmerl.serving.metrics import ServiceMetrics
-from cmerl.serving.schemas import CompletionBody, RewardBody, ScoreBody, TextItem, TokenizeBody
+from cmerl.serving.openapi import openapi_schema
+from cmerl.serving.schemas import (
+    FLOOR_MIN,
+    SCORE_ABS_MAX,
+    CompletionBody,
+    RewardBody,
+    ScoreBody,
+    TextItem,
+    TokenizeBody,
+)
+
+logger = logging.getLogger("cmerl")
 
 #: The engine's own floor: log-probs are reported as computed (vLLM clamps -inf to this value in JSON).
 RAW_FLOOR = -9999.0
-ROUTES = ("/score", "/get_reward", "/v1/completions", "/tokenize", "/v1/models", "/health", "/metrics")
+ROUTES = ("/score", "/get_reward", "/v1/completions", "/tokenize", "/v1/models", "/health", "/metrics",
+          "/openapi.json")
 
 
 @dataclass
@@ -92,16 +112,32 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.prompt_mode not in PROMPT_MODES:
             raise ValueError(f"unknown prompt mode {self.prompt_mode!r}; use one of {', '.join(PROMPT_MODES)}")
-        if self.max_items < 1 or self.max_body_bytes < 1:
-            raise ValueError("max_items and max_body_bytes must be positive")
+        for name in ("max_batch_items", "max_queue_items", "max_items", "max_body_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
+        for name in ("max_wait_ms", "shutdown_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (got {value!r})")
+        if self.max_top_logprobs < 0:
+            raise ValueError(f"max_top_logprobs must be >= 0 (got {self.max_top_logprobs})")
+        if self.logprob_floor is not None and not (math.isfinite(self.logprob_floor)
+                                                   and FLOOR_MIN <= self.logprob_floor <= 0):
+            raise ValueError(f"logprob_floor must be a finite natural log in [{FLOOR_MIN:g}, 0] "
+                             f"(got {self.logprob_floor!r})")
+        if self.empty_score is not None and not (math.isfinite(self.empty_score)
+                                                 and abs(self.empty_score) <= SCORE_ABS_MAX):
+            raise ValueError(f"empty_score must be a finite number in [-{SCORE_ABS_MAX:g}, {SCORE_ABS_MAX:g}] "
+                             f"(got {self.empty_score!r})")
 
 
 class ApiError(Exception):
     """An error answer: HTTP ``status``, a message for humans, the offending field (``param``)."""
 
     TYPES: ClassVar[dict[int, str]] = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
-             503: "service_unavailable"}
+             404: "not_found_error", 405: "method_not_allowed", 413: "request_too_large",
+             422: "invalid_request_error", 500: "internal_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
                  headers: dict[str, str] | None = None):
@@ -232,18 +268,45 @@ def _loc(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
+class _NotJson(ValueError):
+    """A JSON token Python accepts but JSON (RFC 8259) and float64 do not: NaN, Infinity, 1e400."""
+
+
+def _reject_constant(name: str) -> float:
+    raise _NotJson(f"{name} is not a JSON number (JSON has no NaN or Infinity)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJson(f"the number {text[:40]} is out of range of a 64-bit float")
+    return value
+
+
+def parse_json_strict(text: str) -> Any:
+    """``json.loads`` that refuses NaN/Infinity constants and out-of-range numbers (ApiError 400), and
+    bodies nested deeper than the parser's recursion limit (400)."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except _NotJson as exc:
+        raise ApiError(400, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply") from None
+
+
 async def parse_body(request: Request, model: type[BaseModel]) -> Any:
     raw = await request.body()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ApiError(400, f"request body is not valid UTF-8 (bad byte at offset {exc.start})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    data = parse_json_strict(text)
     try:
         return model.model_validate(data)
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
     except ValidationError as exc:
         errors = exc.errors()
         first = errors[0]
@@ -327,7 +390,7 @@ class RewardService:
             except Exception as exc:  # noqa: BLE001 - bad input (template errors, odd unicode) is the client's
                 raise ApiError(422, f"{field_name}.{i}: cannot render this pair: {exc}",
                                param=f"{field_name}.{i}") from None
-            out.append(ScoreRequest(pair.input_ids, pair.response_start))
+            out.append(ScoreRequest(pair.input_ids, pair.response_start, pair.response_offsets))
         return out
 
     def _finalize(self, raw: list[ResponseScore], truncated: list[bool], floor: float,
@@ -370,6 +433,7 @@ class RewardService:
         empty = (self.empty_score if body.logprob_floor is None else floor) if body.empty_score is None \
             else float(body.empty_score)
         scores = self._finalize(raw, [p.truncated for p in prepared], floor, empty)
+        attach_token_positions(scores, reqs)  # type: ignore[arg-type]  # ids; offsets of text items
         self.metrics.items.inc(len(scores), route="/score")
         out = []
         for s in scores:
@@ -420,6 +484,8 @@ class RewardService:
             raise ApiError(400, f"prompt_logprobs must be in 0..{self.config.max_top_logprobs} (got {k})",
                            param="prompt_logprobs")
         prompts = await asyncio.to_thread(self._prompt_ids, body)
+        if not prompts:  # "" and [] and [[]] and [""] all answer 400 "... is empty"
+            raise ApiError(400, "prompt is empty", param="prompt")
         self._check_items(len(prompts), "prompt")
         for i, ids in enumerate(prompts):
             if not ids:
@@ -498,6 +564,12 @@ class RewardService:
         return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+def _version() -> str:
+    from cmerl import __version__
+
+    return str(__version__)
+
+
 def _prompt_value(prompt: Any) -> Any:
     if isinstance(prompt, list):
         return [m.model_dump() for m in prompt]
@@ -526,11 +598,29 @@ def create_app(verifier, config: ServerConfig | None = None) -> FastAPI:
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        messages = {404: f"no route {request.url.path}; routes: {', '.join(ROUTES)}",
+                    405: f"{request.method} is not allowed on {request.url.path}"}
+        return ApiError(exc.status_code, messages.get(exc.status_code, str(exc.detail)),
+                        headers=dict(exc.headers or {})).response()
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("internal error on %s %s", request.method, request.url.path)
+        return ApiError(500, f"internal error ({type(exc).__name__}); see the server log").response()
+
+    async def openapi_json(request: Request) -> JSONResponse:
+        return JSONResponse(document)
+
+    document = openapi_schema(version=_version(), served_name=service.name, vocab_size=service.vocab_size,
+                              max_top_logprobs=config.max_top_logprobs)
+
     handlers: list[tuple[str, str, Callable[[Request], Awaitable[Response]]]] = [
         ("POST", "/score", service.score), ("POST", "/get_reward", service.get_reward),
         ("POST", "/v1/completions", service.completions), ("POST", "/tokenize", service.tokenize),
         ("GET", "/v1/models", service.models), ("GET", "/health", service.health),
-        ("GET", "/metrics", service.metrics_text)]
+        ("GET", "/metrics", service.metrics_text), ("GET", "/openapi.json", openapi_json)]
     for method, path, handler in handlers:
         app.add_api_route(path, handler, methods=[method])
     # Starlette runs the last-added middleware first: metrics, then auth, then the body limit.

@@ -6,6 +6,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag
 
+#: Bounds of the per-request CME rules: a log-prob floor is a natural log <= 0, and both stay far from
+#: float overflow however many tokens a response has (a sum of 10^6 floored tokens is still finite).
+FLOOR_MIN, SCORE_ABS_MAX = -1e6, 1e6
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -58,8 +62,8 @@ class ScoreBody(Strict):
     entropy: StrictBool = False
     self_certainty: StrictBool = False
     tokens: StrictBool = False
-    logprob_floor: float | None = None
-    empty_score: float | None = None
+    logprob_floor: float | None = Field(default=None, ge=FLOOR_MIN, le=0.0, allow_inf_nan=False)
+    empty_score: float | None = Field(default=None, ge=-SCORE_ABS_MAX, le=SCORE_ABS_MAX, allow_inf_nan=False)
     max_length: StrictInt | None = Field(default=None, ge=2)
     render: RenderBody | None = None
 
@@ -80,7 +84,7 @@ class CompletionBody(BaseModel):
     model: StrictStr | None = None
     prompt: list[StrictInt] | list[list[StrictInt]] | StrictStr | list[StrictStr]
     prompt_logprobs: StrictInt | None = None
-    max_tokens: StrictInt | None = 16
+    max_tokens: StrictInt | None = Field(default=16, ge=0)
     echo: StrictBool = False
     stream: StrictBool = False
     add_special_tokens: StrictBool = True

@@ -6,13 +6,16 @@ Read top to bottom:
    ``--set key=value`` overrides and checked (unknown keys, types, verifier == policy, missing prompt file)
    before any model loads. Fields named like ``GRPOConfig`` fields are passed to TRL unchanged; ``trl:``
    passes any other ``GRPOConfig`` field through. :func:`grpo_args` is the ``trl.GRPOConfig`` of a run.
-2. ``reward_setup`` — :func:`build_scorer` / :func:`build_rewards`: verifiers and reward functions (CME,
-   self-referential baselines, weighted combinations), each wrapped by :class:`GuardedReward` (repetition
-   guard and the per-step degeneration diagnostics).
+2. ``reward_registry`` — :data:`REWARDS`, reward name -> factory (:func:`register_reward`); ``reward_setup``
+   — :func:`build_scorer` / :func:`build_rewards`: the built-in rewards (CME, reverse-KL, self-referential
+   baselines), each wrapped by :class:`GuardedReward` (per-step degeneration diagnostics), plus
+   :class:`RepetitionGuardReward`, the repetition guard acting on the combined reward.
 3. ``checkpoints`` — checkpoint folders, their completion marker, and the run card with the reward curve.
 4. ``callbacks`` — ``metrics.jsonl``, a rich progress bar with ETA, and checkpoint finalisation (resolved
    config, run card, and the completion marker written last).
-5. ``run`` — :func:`train`: build, (resume,) train, write ``final/``.
+5. ``run`` — :func:`train`: build, (resume,) train, write ``final/``; ``method: dpo`` / ``distill`` build
+   TRL's ``DPOTrainer`` / ``SFTTrainer`` instead (:func:`build_baseline_session`) with the same callbacks.
+6. ``distill`` — the verifier's answers to the training prompts (resumable) and the SFT dataset of them.
 
 Everything is re-exported here: ``from cmerl.training import TrainConfig, train``.
 
@@ -27,6 +30,7 @@ Run directory layout::
     RUN_DIR/checkpoint-N/            HF folder + optimizer state + cmerl_config.yaml + run_card.md +
                                      reward_curve.png + cmerl_checkpoint.json (marker, written last)
     RUN_DIR/final/                   the trained model (LoRA merged) + tokenizer + config + run card
+    RUN_DIR/teacher_outputs.json     distill only: the verifier's answers (AlpacaEval outputs format)
 """
 
 from cmerl.training.callbacks import (
@@ -51,11 +55,12 @@ from cmerl.training.config import (
     CURVE_NAME,
     GRPO_FIELDS,
     MARKER_NAME,
+    METHODS,
     METRICS_NAME,
     REMOTE_OPTIONS,
     RESUME_OVERRIDABLE,
-    REWARD_NAMES,
     RUN_CARD_NAME,
+    TEACHER_OUTPUTS_NAME,
     ConfigError,
     Echo,
     RunDirExistsError,
@@ -68,14 +73,28 @@ from cmerl.training.config import (
     config_to_yaml,
     default_report_to,
     describe_run,
+    dpo_args,
     grpo_args,
     is_remote,
     load_config,
     parse_remote_spec,
+    sft_args,
+    trainer_args,
+    trl_reward_weights,
+    uses_verifiers,
     validate,
+)
+from cmerl.training.reward_registry import (
+    REWARDS,
+    RewardContext,
+    RewardEntry,
+    get_reward,
+    register_reward,
+    reward_names,
 )
 from cmerl.training.reward_setup import (
     GuardedReward,
+    RepetitionGuardReward,
     build_rewards,
     build_scorer,
     policy_render_config,
@@ -83,9 +102,12 @@ from cmerl.training.reward_setup import (
 from cmerl.training.run import (
     TrainingSession,
     TrainResult,
+    build_baseline_session,
     build_session,
     finish,
+    lora_config,
     prepare_run_dir,
+    prepare_teacher_outputs,
     read_run_config,
     save_final,
     start,
@@ -98,22 +120,28 @@ __all__ = [
     "CURVE_NAME",
     "GRPO_FIELDS",
     "MARKER_NAME",
+    "METHODS",
     "METRICS_NAME",
     "REMOTE_OPTIONS",
     "RESUME_OVERRIDABLE",
-    "REWARD_NAMES",
+    "REWARDS",
     "RUN_CARD_NAME",
+    "TEACHER_OUTPUTS_NAME",
     "CheckpointFinalizer",
     "ConfigError",
     "Echo",
     "GuardedReward",
     "MetricsLogger",
+    "RepetitionGuardReward",
+    "RewardContext",
+    "RewardEntry",
     "RichProgress",
     "RunDirExistsError",
     "TrainConfig",
     "TrainResult",
     "TrainingSession",
     "apply_overrides",
+    "build_baseline_session",
     "build_rewards",
     "build_scorer",
     "build_session",
@@ -125,24 +153,34 @@ __all__ = [
     "config_to_yaml",
     "default_report_to",
     "describe_run",
+    "dpo_args",
     "finish",
+    "get_reward",
     "grpo_args",
     "is_complete_checkpoint",
     "is_remote",
     "latest_checkpoint",
     "list_checkpoints",
     "load_config",
+    "lora_config",
     "parse_remote_spec",
     "plot_reward_curve",
     "policy_render_config",
     "prepare_run_dir",
+    "prepare_teacher_outputs",
     "read_run_config",
+    "register_reward",
     "remove_incomplete_checkpoints",
     "reward_curve",
+    "reward_names",
     "save_final",
+    "sft_args",
     "start",
     "train",
+    "trainer_args",
+    "trl_reward_weights",
     "truncate_metrics",
+    "uses_verifiers",
     "validate",
     "write_run_card",
 ]

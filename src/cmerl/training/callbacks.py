@@ -91,9 +91,11 @@ def _fsync_tree(folder: Path) -> None:
 
 
 class RichProgress(_trainer_callback_base()):
-    """A rich progress bar (steps, elapsed, ETA) plus one line per logging step with the key metrics."""
+    """A rich progress bar (steps, elapsed, ETA) plus one line per logging step with the key metrics;
+    ``label`` names the method on the bar (GRPO, DPO, DISTILL)."""
 
-    def __init__(self, echo: Echo | None = None):
+    def __init__(self, echo: Echo | None = None, *, label: str = "GRPO"):
+        self.label = label
         self.progress = None
         self.task = None
         self.echo = echo
@@ -115,7 +117,7 @@ class RichProgress(_trainer_callback_base()):
         )
 
         self.console = Console(stderr=True)
-        self.progress = Progress(TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+        self.progress = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
                                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                  TextColumn("{task.fields[status]}"), console=self.console, transient=False)
         self.progress.start()
@@ -135,13 +137,18 @@ class RichProgress(_trainer_callback_base()):
         parts = [f"step {state.global_step}/{state.max_steps}"]
         if logs.get("reward") is not None:
             parts.append(f"reward {logs['reward']:.3f}" + (f"±{logs['reward_std']:.2f}" if logs.get("reward_std") is not None else ""))
+        elif logs.get("loss") is not None:  # the dpo and distill baselines log no reward
+            parts.append(f"loss {logs['loss']:.4f}")
         for key, label, fmt in (("completions/mean_length", "len", ".0f"), ("diagnostics/distinct_2", "d2", ".2f"),
-                                ("diagnostics/repeated_4gram_share", "rep4", ".2f"), ("cme/seconds", "cme", ".1f")):
+                                ("diagnostics/repeated_4gram_share", "rep4", ".2f"), ("cme/seconds", "cme", ".1f"),
+                                ("rewards/accuracies", "pair acc", ".2f"), ("rewards/margins", "margin", ".3f"),
+                                ("mean_token_accuracy", "token acc", ".3f")):
             if logs.get(key) is not None:
                 parts.append(f"{label} {logs[key]:{fmt}}" + ("s" if key == "cme/seconds" else ""))
         parts.append(f"{per_step:.1f}s/step")
         line = " ".join(parts)
-        self.progress.update(self.task, status=f"reward {logs.get('reward', float('nan')):.3f}")
+        key = "reward" if "reward" in logs else "loss"
+        self.progress.update(self.task, status=f"{key} {logs.get(key, float('nan')):.3f}")
         self.console.print(line)
 
     def on_train_end(self, args, state, control, **kwargs):

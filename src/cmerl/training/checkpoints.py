@@ -19,8 +19,17 @@ from cmerl.training.config import (
     RUN_CARD_NAME,
     TrainConfig,
     config_to_yaml,
+    describe_run,
+    guard_summary,
     resolved_dtypes,
+    reward_source,
 )
+
+#: What the run card of each method plots and tabulates (GRPO: the rewards; the baselines log no reward).
+CURVE_METRICS = {
+    "dpo": ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"),
+    "distill": ("loss", "mean_token_accuracy", "num_tokens"),
+}
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -135,8 +144,42 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def baseline_curve(log_history: Sequence[dict], keys: Sequence[str]) -> list[dict]:
+    """Rows of ``log_history`` that carry ``keys[0]`` (the dpo / distill loss): step and ``keys``."""
+    return [{"step": e["step"], **{k: e[k] for k in keys if k in e}}
+            for e in log_history if keys[0] in e and "step" in e]
+
+
+def plot_curve(rows: Sequence[dict], keys: Sequence[str], path: Path, *, ylabel: str) -> bool:
+    """PNG of ``keys`` against step, one panel each; False (no file) when there is nothing to plot."""
+    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    if not rows or not keys:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0), dpi=100, squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
+        ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def write_run_card(folder: Path, cfg: TrainConfig, log_history: Sequence[dict], *, step: int) -> None:
-    """``run_card.md`` (+ ``reward_curve.png``) in ``folder``: what was trained, how, and the reward curve."""
+    """``run_card.md`` (+ ``reward_curve.png``) in ``folder``: what was trained, how, and the reward curve
+    (for the dpo and distill baselines: the loss and their own metrics, :data:`CURVE_METRICS`)."""
+    if cfg.method != "grpo":
+        _write_baseline_card(folder, cfg, log_history, step=step)
+        return
     rows = reward_curve(log_history)
     has_plot = plot_reward_curve(rows, folder / CURVE_NAME)
     cols = ["step", "reward"] + sorted({k for r in rows for k in r if k.startswith("rewards/")}) + [
@@ -153,9 +196,8 @@ def write_run_card(folder: Path, cfg: TrainConfig, log_history: Sequence[dict], 
         f"- reward: {reward_desc}"
         + (f"; cme = {cfg.cme_signal} under {', '.join(f'`{v}`' for v in cfg.verifiers)} (dtype "
            f"{cfg.verifier_dtype}: {dtypes['verifier']})" if "cme" in cfg.rewards else "")
-        + (f"; baselines scored by the {cfg.baseline_scorer} policy" if set(cfg.rewards) - {"cme"} else ""),
-        "- repetition guard: " + (f"reward {cfg.repetition_floor:g} when >{cfg.repetition_max_share:g} of "
-                                    f"{cfg.repetition_ngram}-grams repeat" if cfg.repetition_guard else "off"),
+        + "".join(f"; {r}{reward_source(cfg, r, dtypes)}" for r in cfg.rewards if r != "cme"),
+        "- repetition guard: " + guard_summary(cfg),
         f"- prompts: `{cfg.prompts}`, max {cfg.max_prompt_length} prompt tokens",
         (f"- GRPO: G={cfg.num_generations}, max_completion_length={cfg.max_completion_length}, "
          f"temperature={cfg.temperature}, lr={cfg.learning_rate:g}, beta={cfg.beta:g}, loss={cfg.loss_type}, "
@@ -173,6 +215,29 @@ def write_run_card(folder: Path, cfg: TrainConfig, log_history: Sequence[dict], 
         lines.append("|" + "---|" * len(cols))
         for r in shown:
             lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    else:
+        lines.append("(no logged steps yet)")
+    lines += ["", "## Config", "", "```yaml", config_to_yaml(cfg).rstrip(), "```", ""]
+    (folder / RUN_CARD_NAME).write_text("\n".join(lines), encoding="utf-8")
+
+
+def _write_baseline_card(folder: Path, cfg: TrainConfig, log_history: Sequence[dict], *, step: int) -> None:
+    """The run card of a dpo or distill run: its plan (as ``cmerl train --check`` prints it), the curve of
+    :data:`CURVE_METRICS` and the config."""
+    keys = CURVE_METRICS[cfg.method]
+    rows = baseline_curve(log_history, keys)
+    has_plot = plot_curve(rows, keys, folder / CURVE_NAME, ylabel=cfg.method)
+    cols = ["step"] + [k for k in keys if any(k in r for r in rows)]
+    shown = rows if len(rows) <= 25 else [rows[round(i * (len(rows) - 1) / 24)] for i in range(25)]
+    title = {"dpo": "DPO", "distill": "distill (SFT on the verifier's answers)"}[cfg.method]
+    lines = [f"# cmerl {title} run card: {Path(cfg.output_dir).name}, step {step}", "", "```",
+             describe_run(cfg).rstrip(), "```", "", f"- steps: {step} of {cfg.max_steps}", "", "## Training curve", ""]
+    if has_plot:
+        lines += [f"![training curve]({CURVE_NAME})", ""]
+    if shown:
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|" + "---|" * len(cols))
+        lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in shown]
     else:
         lines.append("(no logged steps yet)")
     lines += ["", "## Config", "", "```yaml", config_to_yaml(cfg).rstrip(), "```", ""]

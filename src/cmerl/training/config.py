@@ -12,7 +12,12 @@ from typing import Any, Literal
 
 import yaml
 
-REWARD_NAMES = ("cme", "self_certainty", "neg_entropy", "self_likelihood")
+from cmerl.training.reward_registry import REWARDS, get_reward
+
+#: What trains the policy (``method``): TRL's GRPOTrainer on the rewards, or one of the two baselines.
+METHODS = ("grpo", "dpo", "distill")
+#: The verifier's answers a distill run trains on (AlpacaEval outputs format), in the run directory.
+TEACHER_OUTPUTS_NAME = "teacher_outputs.json"
 CONFIG_NAME = "cmerl_config.yaml"
 MARKER_NAME = "cmerl_checkpoint.json"
 METRICS_NAME = "metrics.jsonl"
@@ -24,7 +29,8 @@ RESUME_OVERRIDABLE = ("max_steps", "save_steps", "save_total_limit", "logging_st
                       "num_completions_to_print")
 #: GRPOConfig fields cmerl sets itself; the ``trl:`` passthrough may not set them.
 _MANAGED_TRL_FIELDS = ("output_dir", "save_strategy", "disable_tqdm", "reward_weights", "run_name",
-                       "remove_unused_columns", "logging_strategy", "max_prompt_length")
+                       "remove_unused_columns", "logging_strategy", "max_prompt_length", "max_length",
+                       "completion_only_loss")
 
 Echo = Callable[[str], None]
 
@@ -65,23 +71,39 @@ class TrainConfig:
         "Allow a cme verifier that is the policy model itself (the self-referential ablation)."))
     # --- rewards
     rewards: list[str] = field(default_factory=lambda: ["cme"], metadata=_h(
-        "Reward functions, summed with reward_weights: cme (verifier log-likelihood), and the self-referential "
-        "baselines self_certainty, neg_entropy, self_likelihood."))
+        "Reward functions, summed with reward_weights: cme (verifier log-likelihood), reverse_kl (verifier minus "
+        "policy log-likelihood), the self-referential baselines self_certainty, neg_entropy, self_likelihood, "
+        "and any other registered reward (cmerl.training.reward_registry)."))
     reward_weights: list[float] | None = field(default=None, metadata=_h(
         "One weight per reward (TRL reward_weights); default all 1.0."))
     cme_signal: Literal["mean_logprob", "sum_logprob", "neg_entropy"] = field(default="mean_logprob", metadata=_h(
         "What the cme reward reads from the verifier: mean_logprob (the paper's CME), sum_logprob, or "
         "neg_entropy (negative mean verifier entropy)."))
+    pmi_lambda: float = field(default=1.0, metadata=_h(
+        "cme_pmi: weight in [0, 1] of the content-free instruction's log-likelihood subtracted per token "
+        "(1 = pointwise mutual information, 0 = plain CME)."))
+    pmi_null_prompt: str = field(default="Write a response.", metadata=_h(
+        "cme_pmi: the content-free instruction x0, rendered with the same template (system turns kept)."))
     baseline_scorer: Literal["policy", "frozen"] = field(default="policy", metadata=_h(
         "Model behind the self-referential baselines: the live policy being trained, or a frozen copy of "
         "its initial weights (loaded once more, in verifier_dtype)."))
     repetition_guard: bool = field(default=True, metadata=_h(
-        "Replace the reward of completions dominated by repeated n-grams by repetition_floor."))
+        "Give completions dominated by repeated n-grams the combined reward repetition_floor (the other rewards "
+        "do not apply to them, whatever their weights)."))
     repetition_ngram: int = field(default=4, metadata=_h("n of the repetition guard's n-grams (tokens)."))
     repetition_max_share: float = field(default=0.5, metadata=_h(
         "A completion whose share of repeated n-grams exceeds this is degenerate."))
     repetition_floor: float = field(default=-20.0, metadata=_h(
         "Reward given to degenerate completions (reward units; -20 is the scoring engine's log-prob floor)."))
+    # --- dense rewards (docs/training.md "Dense rewards")
+    dense: bool = field(default=False, metadata=_h(
+        "Also compute per-token cme rewards for every policy completion token, from the same verifier pass "
+        "(verifier tokens aligned onto policy tokens by character offsets), and train with DenseGRPOTrainer."))
+    advantage_estimator: Literal["scalar", "position_std", "position_mean", "return_to_go"] = field(
+        default="scalar", metadata=_h(
+            "dense: how per-token advantages are formed: scalar (TRL's GRPO advantage on every token, as "
+            "without dense), position_std / position_mean (per-position normalisation across the group), or "
+            "return_to_go (reward-to-go, normalised per position across the group)."))
     # --- data
     prompts: str = field(default="ultrafeedback", metadata=_h(
         "Prompt set: 'ultrafeedback' or 'alpaca_eval' (bundled), a local .jsonl/.json/.parquet file, or a "
@@ -99,6 +121,19 @@ class TrainConfig:
     system_prompt: str | None = field(default=None, metadata=_h(
         "System turn added to every policy prompt (chat-template policies); null = the template's default. "
         "Verifiers score against the prompt without it."))
+    # --- maths (the cme_answer and correctness rewards; see docs/reasoning.md)
+    answer_column: str | None = field(default=None, metadata=_h(
+        "Column of gold final answers in a prompt file or hub dataset (for the correctness reward); maths "
+        "sets (gsm8k_train, gsm8k, math500, openai/gsm8k, ...) bring their own."))
+    answer_format: Literal["auto", "boxed", "gsm8k"] = field(default="auto", metadata=_h(
+        "Where a completion's final answer is: boxed (last \\boxed{...}), gsm8k (number after the last "
+        "####), or auto (whichever comes last)."))
+    answer_weight: float = field(default=1.0, metadata=_h(
+        "cme_answer: weight w of the answer span; reward = w x answer-span mean + (1 - w) x whole-response "
+        "mean of the verifier signal (1 = answer span only, 0 = whole response)."))
+    missing_answer_penalty: float = field(default=5.0, metadata=_h(
+        "cme_answer: subtracted (reward units, nats) from a completion without a final answer, whose answer "
+        "term is also the log-prob floor (-20)."))
     # --- GRPO (trl.GRPOConfig fields, same names and meaning)
     num_generations: int = field(default=4, metadata=_h(
         "Completions sampled per prompt (the GRPO group size G)."))
@@ -131,6 +166,40 @@ class TrainConfig:
         "colocate: vLLM inside each training process; server: a separate `trl vllm-serve` / `vllm serve`."))
     vllm_server_base_url: str | None = field(default=None, metadata=_h("Base URL of the vLLM server (server mode)."))
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata=_h("GPU memory share of colocated vLLM."))
+    # --- baselines (method dpo or distill; docs/training.md "Baselines")
+    method: Literal["grpo", "dpo", "distill"] = field(default="grpo", metadata=_h(
+        "What trains the policy: grpo (GRPOTrainer on `rewards`), dpo (DPOTrainer on the prompt/chosen/rejected "
+        "rows of `prompts`), or distill (SFTTrainer on the first verifier's own answers to the training prompts; "
+        "`cmerl distill`). Steps, batch, learning rate, LoRA and checkpoints come from the same keys."))
+    dpo_beta: float = field(default=0.1, metadata=_h(
+        "dpo: TRL DPOConfig.beta, the strength of the implicit KL penalty to the initial policy."))
+    chosen_column: str = field(default="chosen", metadata=_h(
+        "dpo: column of the preferred response (a string or an assistant message list)."))
+    rejected_column: str = field(default="rejected", metadata=_h(
+        "dpo: column of the dispreferred response."))
+    distill_samples: int = field(default=1, metadata=_h(
+        "distill: verifier answers sampled per training prompt."))
+    distill_temperature: float = field(default=0.7, metadata=_h(
+        "distill: sampling temperature of the verifier's answers (0 = greedy)."))
+    distill_top_p: float = field(default=0.95, metadata=_h(
+        "distill: nucleus sampling threshold of the verifier's answers."))
+    distill_batch_size: int = field(default=8, metadata=_h(
+        "distill: prompts per verifier generation batch (a speed knob, not a recorded setting: a resumed run "
+        "may change it)."))
+    # --- held-out evaluation (docs/training.md "Held-out evaluation")
+    heldout_eval_steps: int = field(default=0, metadata=_h(
+        "Every N steps, generate on a fixed held-out prompt split, judge against the step-0 outputs and keep "
+        "best/ by that win rate (0 = off)."))
+    heldout_eval_prompts: str | None = field(default=None, metadata=_h(
+        "Held-out prompt set (bundled name, file, slice like f.jsonl[:40]); null = the run's heldout_prompts. "
+        "It may share no prompt with the training prompts or with heldout_eval_exclude (checked, refused)."))
+    heldout_eval_n: int = field(default=40, metadata=_h("Held-out prompts used (the first N of the split)."))
+    heldout_eval_judge: str = field(default="qwen2.5-coder-1.5b-instruct", metadata=_h(
+        "Judge of the held-out evaluation (a cmerl judge name, as in cmerl judge --judge)."))
+    heldout_eval_max_new_tokens: int = field(default=256, metadata=_h(
+        "Most tokens generated per held-out prompt (greedy)."))
+    heldout_eval_exclude: list[str] = field(default_factory=lambda: ["alpaca_eval"], metadata=_h(
+        "Evaluation prompt sets the held-out split must not overlap (the prompts you report on)."))
     # --- logging and checkpoints
     output_dir: str = field(default="runs/cme-grpo", metadata=_h(
         "Run directory: metrics.jsonl, completions, TensorBoard events, checkpoint-N/, final/."))
@@ -144,7 +213,8 @@ class TrainConfig:
     report_to: list[str] | None = field(default=None, metadata=_h(
         "transformers report_to integrations; null = tensorboard when installed, else none."))
     trl: dict[str, Any] = field(default_factory=dict, metadata=_h(
-        "Any other trl.GRPOConfig field, by its TRL name (e.g. {top_k: 50, warmup_steps: 10, epsilon_high: 0.28})."))
+        "Any other trl.GRPOConfig field, by its TRL name (e.g. {top_k: 50, warmup_steps: 10, epsilon_high: 0.28}); "
+        "trl.DPOConfig / trl.SFTConfig fields for method dpo / distill."))
 
 
 class ConfigError(ValueError):
@@ -370,23 +440,19 @@ def validate(cfg: TrainConfig, *, source: str = "<config>") -> None:
     """Checks that need no model: rewards, weights, independence, data file, LoRA, TRL passthrough, and the
     GRPOConfig itself (TRL's own divisibility checks). Raises :class:`ConfigError` / FileNotFoundError."""
     from cmerl.data import PromptDataError, check_source
-    from cmerl.models import model_identity
+    from cmerl.fingerprint import same_model
 
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"{source}: key {key!r}: {why}")
 
-    if not cfg.rewards:
-        raise bad("rewards", "at least one reward is needed")
-    for r in cfg.rewards:
-        if r not in REWARD_NAMES:
-            raise bad("rewards", f"unknown reward {r!r}; use any of {', '.join(REWARD_NAMES)}")
-    if len(set(cfg.rewards)) != len(cfg.rewards):
-        raise bad("rewards", f"a reward is listed twice ({cfg.rewards})")
-    if cfg.reward_weights is not None and len(cfg.reward_weights) != len(cfg.rewards):
-        raise bad("reward_weights", f"{len(cfg.reward_weights)} weights for {len(cfg.rewards)} rewards {cfg.rewards}")
-    if "cme" in cfg.rewards:
+    if cfg.method == "grpo":
+        _check_rewards(cfg, bad)
+    if uses_verifiers(cfg):
         if not cfg.verifiers:
-            raise bad("verifiers", "the cme reward needs at least one verifier")
+            raise bad("verifiers", f"{verifier_users(cfg)[0]} needs at least one verifier")
+        if cfg.method == "distill" and is_remote(cfg.verifiers[0]):
+            raise bad("verifiers", f"distill generates the verifier's answers in this process: {cfg.verifiers[0]!r} "
+                      "is a URL; give a local model name first")
         for v in cfg.verifiers:
             if is_remote(v):
                 try:
@@ -394,11 +460,11 @@ def validate(cfg: TrainConfig, *, source: str = "<config>") -> None:
                 except ConfigError as exc:
                     raise bad("verifiers", str(exc)) from None
         if not cfg.allow_self_verification:
-            policy_id = model_identity(cfg.policy)
             for v in cfg.verifiers:
-                if not is_remote(v) and model_identity(v) == policy_id:
-                    raise bad("verifiers", f"verifier {v!r} is the policy model {cfg.policy!r}; CME needs an "
-                              "independent verifier (set allow_self_verification: true for the ablation)")
+                if not is_remote(v) and same_model(v, cfg.policy):  # by what they are, not their names
+                    raise bad("verifiers", f"verifier {v!r} is the policy model {cfg.policy!r}; "
+                              f"{verifier_users(cfg)[0]} needs an independent verifier (set "
+                              "allow_self_verification: true for the ablation)")
     from cmerl.precision import check_dtype_name  # torch: kept out of this module's import
 
     for key in ("policy_dtype", "verifier_dtype"):
@@ -413,27 +479,132 @@ def validate(cfg: TrainConfig, *, source: str = "<config>") -> None:
             raise bad(key, f"must be >= 1 (got {getattr(cfg, key)})")
     if cfg.max_prompts is not None and cfg.max_prompts < 1:
         raise bad("max_prompts", f"must be >= 1 or null (got {cfg.max_prompts})")
+    import math
+
+    for key in ("learning_rate", "temperature"):
+        value = getattr(cfg, key)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise bad(key, f"must be a finite number > 0 (got {value!r})")
     if cfg.heldout_prompts < 0:
         raise bad("heldout_prompts", f"must be >= 0 (got {cfg.heldout_prompts})")
+    if cfg.heldout_eval_steps < 0:
+        raise bad("heldout_eval_steps", f"must be >= 0 (got {cfg.heldout_eval_steps})")
+    if cfg.heldout_eval_steps and cfg.heldout_eval_prompts is None and cfg.heldout_prompts < 1:
+        raise bad("heldout_eval_steps", "needs a held-out split: set heldout_prompts >= 1 or heldout_eval_prompts")
+    if cfg.heldout_eval_n < 1:
+        raise bad("heldout_eval_n", f"must be >= 1 (got {cfg.heldout_eval_n})")
     if not 0.0 <= cfg.repetition_max_share <= 1.0:
         raise bad("repetition_max_share", f"must be in [0, 1] (got {cfg.repetition_max_share})")
+    if not 0.0 <= cfg.pmi_lambda <= 1.0:
+        raise bad("pmi_lambda", f"must be in [0, 1] (got {cfg.pmi_lambda})")
+    _check_baselines(cfg, bad)
+    _check_dense(cfg, bad)
     try:
         check_source(cfg.prompts)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{source}: key 'prompts': {exc}") from None
     except PromptDataError as exc:
         raise bad("prompts", str(exc)) from None
+    _check_maths(cfg, bad)
     _check_trl_passthrough(cfg, source)
     try:
-        grpo_args(cfg, for_validation=True)
+        trainer_args(cfg, for_validation=True)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{source}: TRL rejected the GRPO settings: {exc}") from None
+        raise ConfigError(f"{source}: TRL rejected the {cfg.method.upper()} settings: {exc}") from None
+
+
+def _check_rewards(cfg: TrainConfig, bad: Callable[[str, str], ConfigError]) -> None:
+    """Reward names are registered, listed once, and have one weight each."""
+    if not cfg.rewards:
+        raise bad("rewards", "at least one reward is needed")
+    for r in cfg.rewards:
+        try:
+            get_reward(r)
+        except ValueError as exc:
+            raise bad("rewards", str(exc)) from None
+    if len(set(cfg.rewards)) != len(cfg.rewards):
+        raise bad("rewards", f"a reward is listed twice ({cfg.rewards})")
+    if cfg.reward_weights is not None and len(cfg.reward_weights) != len(cfg.rewards):
+        raise bad("reward_weights", f"{len(cfg.reward_weights)} weights for {len(cfg.rewards)} rewards {cfg.rewards}")
+
+
+def _check_baselines(cfg: TrainConfig, bad: Callable[[str, str], ConfigError]) -> None:
+    """The dpo and distill keys (checked whatever the method, so a config's typo never waits for a switch)."""
+    if cfg.dpo_beta <= 0:
+        raise bad("dpo_beta", f"must be > 0 (got {cfg.dpo_beta})")
+    if cfg.distill_samples < 1:
+        raise bad("distill_samples", f"must be >= 1 (got {cfg.distill_samples})")
+    if cfg.distill_batch_size < 1:
+        raise bad("distill_batch_size", f"must be >= 1 (got {cfg.distill_batch_size})")
+    if cfg.distill_temperature < 0:
+        raise bad("distill_temperature", f"must be >= 0 (got {cfg.distill_temperature})")
+    if not 0.0 < cfg.distill_top_p <= 1.0:
+        raise bad("distill_top_p", f"must be in (0, 1] (got {cfg.distill_top_p})")
+    if cfg.method == "dpo" and cfg.chosen_column == cfg.rejected_column:
+        raise bad("rejected_column", f"is the same column as chosen_column ({cfg.chosen_column!r})")
+
+
+#: Rewards that compute per-token rewards with ``dense: true``.
+DENSE_REWARDS = ("cme",)
+#: Loss types whose per-token formula takes the advantage token by token (cmerl.training.dense).
+DENSE_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "luspo", "cispo", "sapo")
+
+
+def _check_dense(cfg: TrainConfig, bad: Callable[[str, str], ConfigError]) -> None:
+    """``dense`` needs a dense-capable reward and a token-wise loss; a non-scalar estimator needs ``dense``."""
+    if cfg.advantage_estimator != "scalar" and not cfg.dense:
+        raise bad("advantage_estimator", f"{cfg.advantage_estimator!r} needs per-token rewards: set dense: true")
+    if not cfg.dense:
+        return
+    if cfg.method != "grpo":
+        raise bad("dense", f"dense rewards train with GRPO; method is {cfg.method!r}")
+    if not any(r in DENSE_REWARDS for r in cfg.rewards):
+        raise bad("dense", f"needs a reward with per-token values ({', '.join(DENSE_REWARDS)}) in rewards "
+                  f"(got {cfg.rewards})")
+    if cfg.advantage_estimator != "scalar":
+        if cfg.loss_type not in DENSE_LOSS_TYPES:
+            raise bad("loss_type", f"{cfg.loss_type!r} uses sequence-level advantages; dense advantages work with "
+                      f"{', '.join(DENSE_LOSS_TYPES)}")
+        if cfg.trl.get("multi_objective_aggregation", "sum_then_normalize") != "sum_then_normalize":
+            raise bad("trl", "dense advantages combine rewards as sum_then_normalize (multi_objective_aggregation)")
+
+
+def verifier_users(cfg: TrainConfig) -> list[str]:
+    """What in this run reads ``cfg.verifiers``: the rewards registered with ``uses_verifiers`` (grpo), or
+    ``distill`` (the first verifier is the teacher); empty for dpo."""
+    if cfg.method == "distill":
+        return ["distill"]
+    if cfg.method == "dpo":
+        return []
+    return [r for r in cfg.rewards if r in REWARDS and REWARDS[r].uses_verifiers]
+
+
+def uses_verifiers(cfg: TrainConfig) -> bool:
+    """True when the run loads ``cfg.verifiers`` (see :func:`verifier_users`)."""
+    return bool(verifier_users(cfg))
+
+
+def _check_maths(cfg: TrainConfig, bad: Callable[[str, str], ConfigError]) -> None:
+    """The maths keys: ``answer_weight`` in [0, 1], a finite ``missing_answer_penalty`` >= 0, gold answers
+    for ``correctness``, and a signal ``cme_answer`` can take a span mean of."""
+    import math
+
+    from cmerl.problems import is_problem_source
+
+    if not 0.0 <= cfg.answer_weight <= 1.0:
+        raise bad("answer_weight", f"must be in [0, 1] (got {cfg.answer_weight})")
+    if not (math.isfinite(cfg.missing_answer_penalty) and cfg.missing_answer_penalty >= 0):
+        raise bad("missing_answer_penalty", f"must be a finite number >= 0 (got {cfg.missing_answer_penalty})")
+    if "correctness" in cfg.rewards and cfg.answer_column is None and not is_problem_source(cfg.prompts):
+        raise bad("rewards", f"the correctness reward needs gold answers: prompts {cfg.prompts!r} is no maths set "
+                  "(gsm8k_train, gsm8k, math500, openai/gsm8k, ...), so set answer_column to the column that holds them")
+    if "cme_answer" in cfg.rewards and cfg.cme_signal == "sum_logprob":
+        raise bad("cme_signal", "cme_answer averages over the answer span: use mean_logprob or neg_entropy")
 
 
 def _check_trl_passthrough(cfg: TrainConfig, source: str) -> None:
-    from trl import GRPOConfig
-
-    trl_fields = {f.name for f in fields(GRPOConfig)}
+    config_cls = _trl_config_class(cfg.method)
+    trl_fields = {f.name for f in fields(config_cls)}
     ours = {f.name for f in fields(TrainConfig)}
     for key in cfg.trl:
         if key in ours:
@@ -443,7 +614,7 @@ def _check_trl_passthrough(cfg: TrainConfig, source: str) -> None:
         if key not in trl_fields:
             close = difflib.get_close_matches(key, sorted(trl_fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{source}: key 'trl.{key}': not a trl.GRPOConfig field{hint}")
+            raise ConfigError(f"{source}: key 'trl.{key}': not a trl.{config_cls.__name__} field{hint}")
 
 
 # ------------------------------------------------------------------------------------------- TRL args
@@ -453,7 +624,7 @@ GRPO_FIELDS = ("num_generations", "max_completion_length", "temperature", "top_p
                "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "mask_truncated_completions",
                "bf16", "gradient_checkpointing", "use_vllm", "vllm_mode", "vllm_server_base_url",
                "vllm_gpu_memory_utilization", "logging_steps", "save_steps", "save_total_limit",
-               "log_completions", "num_completions_to_print", "reward_weights")
+               "log_completions", "num_completions_to_print")
 
 
 def default_report_to() -> list[str]:
@@ -462,17 +633,33 @@ def default_report_to() -> list[str]:
     return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
 
 
-def grpo_args(cfg: TrainConfig, *, for_validation: bool = False):
-    """The ``trl.GRPOConfig`` of a run (cheap: no model is loaded).
+def trl_reward_weights(cfg: TrainConfig) -> list[float]:
+    """TRL's ``reward_weights`` for the reward list :func:`~cmerl.training.build_rewards` returns: one per
+    ``cfg.rewards`` entry (default 1.0), then 1.0 for the ``repetition_guard`` reward when the guard is on."""
+    weights = list(cfg.reward_weights) if cfg.reward_weights is not None else [1.0] * len(cfg.rewards)
+    return weights + [1.0] if cfg.repetition_guard else weights
 
-    ``for_validation`` checks a GPU config on a machine without one: bf16/fp16 are switched off there so
-    transformers' hardware check does not hide the other errors.
-    """
+
+#: TrainConfig fields every method passes to its TRL config under the same name.
+SHARED_TRAINER_FIELDS = ("learning_rate", "lr_scheduler_type", "max_steps", "per_device_train_batch_size",
+                         "gradient_accumulation_steps", "seed", "bf16", "gradient_checkpointing", "logging_steps",
+                         "save_steps", "save_total_limit")
+
+
+def _trl_config_class(method: str):
+    """The TRL config dataclass of a method: GRPOConfig, DPOConfig or SFTConfig."""
+    from trl import DPOConfig, GRPOConfig, SFTConfig
+
+    return {"grpo": GRPOConfig, "dpo": DPOConfig, "distill": SFTConfig}[method]
+
+
+def _trainer_kwargs(cfg: TrainConfig, names: Sequence[str], config_cls, *, for_validation: bool) -> dict[str, Any]:
+    """Keyword arguments every method's TRL config gets: ``names`` copied from ``cfg``, cmerl's managed
+    settings (run directory, step-wise saving and logging, no tqdm, report_to), then the ``trl:`` passthrough."""
     import torch
-    from trl import GRPOConfig
 
-    kwargs = {name: getattr(cfg, name) for name in GRPO_FIELDS}
-    if "activation_checkpointing" in {f.name for f in fields(GRPOConfig)}:
+    kwargs = {name: getattr(cfg, name) for name in names}
+    if "activation_checkpointing" in {f.name for f in fields(config_cls)}:
         # transformers >= 5.x renamed it; the old name still works but warns on every run
         kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
     if for_validation and not torch.cuda.is_available():
@@ -486,7 +673,6 @@ def grpo_args(cfg: TrainConfig, *, for_validation: bool = False):
         save_strategy="steps",
         logging_strategy="steps",
         disable_tqdm=True,  # cmerl's own rich progress bar replaces transformers' tqdm
-        remove_unused_columns=False,
         report_to=cfg.report_to if cfg.report_to is not None else default_report_to(),
         log_level="warning",
         ddp_find_unused_parameters=False,  # every policy parameter that trains is used in each forward
@@ -494,7 +680,48 @@ def grpo_args(cfg: TrainConfig, *, for_validation: bool = False):
     kwargs.update(cfg.trl)
     if for_validation and not torch.cuda.is_available():
         kwargs["fp16"] = False
+    return kwargs
+
+
+def grpo_args(cfg: TrainConfig, *, for_validation: bool = False):
+    """The ``trl.GRPOConfig`` of a run (cheap: no model is loaded).
+
+    ``for_validation`` checks a GPU config on a machine without one: bf16/fp16 are switched off there so
+    transformers' hardware check does not hide the other errors.
+    """
+    from trl import GRPOConfig
+
+    kwargs = _trainer_kwargs(cfg, GRPO_FIELDS, GRPOConfig, for_validation=for_validation)
+    kwargs["remove_unused_columns"] = False  # the rewards read the raw_prompt column
+    kwargs["reward_weights"] = trl_reward_weights(cfg)  # + the repetition guard's
     return GRPOConfig(**kwargs)
+
+
+def dpo_args(cfg: TrainConfig, *, for_validation: bool = False):
+    """The ``trl.DPOConfig`` of a ``method: dpo`` run: the shared keys, ``beta = dpo_beta``, and
+    ``max_length = max_prompt_length + max_completion_length`` (prompt + one response, cut at the end)."""
+    from trl import DPOConfig
+
+    kwargs = _trainer_kwargs(cfg, SHARED_TRAINER_FIELDS, DPOConfig, for_validation=for_validation)
+    kwargs.update(beta=cfg.dpo_beta, max_length=cfg.max_prompt_length + cfg.max_completion_length)
+    return DPOConfig(**kwargs)
+
+
+def sft_args(cfg: TrainConfig, *, for_validation: bool = False):
+    """The ``trl.SFTConfig`` of a ``method: distill`` run: the shared keys and the loss on completion tokens
+    only. No ``max_length`` cut: prompts fit ``max_prompt_length`` and answers are cut to
+    ``max_completion_length`` policy tokens when the dataset is built (the GRPO token budget)."""
+    from trl import SFTConfig
+
+    kwargs = _trainer_kwargs(cfg, SHARED_TRAINER_FIELDS, SFTConfig, for_validation=for_validation)
+    kwargs.update(completion_only_loss=True, max_length=None)
+    return SFTConfig(**kwargs)
+
+
+def trainer_args(cfg: TrainConfig, *, for_validation: bool = False):
+    """The TRL config of the run's ``method``: :func:`grpo_args`, :func:`dpo_args` or :func:`sft_args`."""
+    build = {"grpo": grpo_args, "dpo": dpo_args, "distill": sft_args}[cfg.method]
+    return build(cfg, for_validation=for_validation)
 
 
 def resolved_dtypes(cfg: TrainConfig) -> dict[str, str]:
@@ -509,36 +736,83 @@ def resolved_dtypes(cfg: TrainConfig) -> dict[str, str]:
             "verifier": str(resolve_dtype(cfg.verifier_dtype, device=cfg.verifier_device or device))}
 
 
+def reward_source(cfg: TrainConfig, name: str, dtypes: dict[str, str]) -> str:
+    """`` from <verifiers> (...)`` / `` from the live policy`` for a reward name (what it scores with, from
+    its registry entry); ``""`` for a reward that uses neither."""
+    entry = REWARDS.get(name)
+    parts = []
+    if entry is not None and entry.uses_verifiers:
+        signal = f"{cfg.cme_signal}, " if name == "cme" else ""
+        parts.append(f"{', '.join(cfg.verifiers)} ({signal}{cfg.verifier_dtype}: {dtypes['verifier']})")
+    if entry is not None and entry.uses_policy:
+        parts.append("the live policy" if cfg.baseline_scorer == "policy" else "a frozen copy of the policy")
+    return " from " + " and ".join(parts) if parts else ""
+
+
+def guard_summary(cfg: TrainConfig) -> str:
+    """One line on the repetition guard: what it does to the combined reward, or ``off``."""
+    if not cfg.repetition_guard:
+        return "off"
+    return (f"combined reward {cfg.repetition_floor:g} when >{cfg.repetition_max_share:g} of "
+            f"{cfg.repetition_ngram}-grams repeat (the other rewards do not apply to such a completion)")
+
+
 def describe_run(cfg: TrainConfig, *, processes: int = 1) -> str:
-    """A few lines saying what a config will do (models, rewards, data, batch arithmetic, steps, outputs);
-    loads nothing. ``processes``: the data-parallel world size (``accelerate launch --num_processes``)."""
+    """A few lines saying what a config will do (models, method and rewards, data, batch arithmetic, steps,
+    outputs); loads nothing. ``processes``: the data-parallel world size (``accelerate launch --num_processes``)."""
     from cmerl.data import source_kind
 
     trained = f"LoRA r={cfg.lora_r} (alpha {cfg.lora_alpha})" if cfg.lora else "all weights"
     dtypes = resolved_dtypes(cfg)
-    rewards = []
-    for name, w in zip(cfg.rewards, cfg.reward_weights or [1.0] * len(cfg.rewards)):
-        source = (f" from {', '.join(cfg.verifiers)} ({cfg.cme_signal}, {cfg.verifier_dtype}: {dtypes['verifier']})"
-                  if name == "cme"
-                  else " from the policy itself")
-        rewards.append(f"{w:g} x {name}{source}")
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes
-    generation = (f"vLLM ({cfg.vllm_mode})" if cfg.use_vllm else "transformers generate")
     data = cfg.prompts + (f" (split {cfg.prompt_split})" if source_kind(cfg.prompts) == "hub" else "")
     limits = [f"prompts <= {cfg.max_prompt_length} tokens"]
     if cfg.max_prompts is not None:
         limits.append(f"first {cfg.max_prompts}")
     if cfg.heldout_prompts:
         limits.append(f"{cfg.heldout_prompts} held out")
-    return "\n".join([
-        f"policy     {cfg.policy} ({cfg.policy_dtype}: {dtypes['policy']}), training {trained}",
-        f"reward     {' + '.join(rewards)}",
-        f"prompts    {data}; {', '.join(limits)}",
-        (f"per step   {cfg.per_device_train_batch_size} completions x {cfg.gradient_accumulation_steps} accumulation"
-         f" x {processes} process{'es' if processes != 1 else ''} = {per_step} completions = "
-         f"{per_step / cfg.num_generations:g} prompts x G={cfg.num_generations}"),
-        (f"sampling   {generation}, up to {cfg.max_completion_length} tokens, temperature {cfg.temperature}, "
-         f"loss {cfg.loss_type}, beta {cfg.beta}, learning rate {cfg.learning_rate:g}"),
-        (f"steps      {cfg.max_steps}, checkpoint every {cfg.save_steps}"
-         + (f" (keep {cfg.save_total_limit})" if cfg.save_total_limit else "") + f" -> {cfg.output_dir}"),
-    ])
+    batch = (f"{cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} accumulation x {processes} "
+             f"process{'es' if processes != 1 else ''} = {per_step}")
+    head = [f"policy     {cfg.policy} ({cfg.policy_dtype}: {dtypes['policy']}), training {trained}"]
+    if cfg.method == "dpo":
+        body = [
+            (f"method     DPO (TRL DPOTrainer), beta {cfg.dpo_beta:g}, on the {cfg.chosen_column}/{cfg.rejected_column} "
+             f"pairs of the prompts; reference = the initial policy"),
+            f"prompts    {data}; {', '.join(limits)}",
+            (f"per step   {batch} preference pairs (chosen and rejected each cut to "
+             f"{cfg.max_prompt_length + cfg.max_completion_length} tokens with the prompt), "
+             f"learning rate {cfg.learning_rate:g}"),
+        ]
+    elif cfg.method == "distill":
+        sampling = ("greedy" if cfg.distill_temperature == 0
+                    else f"temperature {cfg.distill_temperature:g}, top_p {cfg.distill_top_p:g}")
+        body = [
+            (f"method     distill: SFT (TRL SFTTrainer, loss on completion tokens only) on the answers of "
+             f"{cfg.verifiers[0]} ({cfg.verifier_dtype}: {dtypes['verifier']})"),
+            (f"teacher    {cfg.distill_samples} answer{'s' if cfg.distill_samples != 1 else ''} per training prompt, "
+             f"{sampling}, up to {cfg.max_completion_length} tokens, seed {cfg.seed} -> "
+             f"{Path(cfg.output_dir) / TEACHER_OUTPUTS_NAME} (resumable)"),
+            f"prompts    {data}; {', '.join(limits)}",
+            (f"per step   {batch} (prompt, verifier answer) sequences, answers cut to {cfg.max_completion_length} "
+             f"policy tokens: the budget of a GRPO step of this config ({per_step} completions of <= "
+             f"{cfg.max_completion_length} tokens), learning rate {cfg.learning_rate:g}"),
+        ]
+    else:
+        weights = cfg.reward_weights or [1.0] * len(cfg.rewards)
+        rewards = [f"{w:g} x {name}{reward_source(cfg, name, dtypes)}" for name, w in zip(cfg.rewards, weights)]
+        generation = (f"vLLM ({cfg.vllm_mode})" if cfg.use_vllm else "transformers generate")
+        body = [
+            f"reward     {' + '.join(rewards)}",
+            f"guard      {guard_summary(cfg)}",
+            *([(f"dense      per-token {', '.join(r for r in cfg.rewards if r in DENSE_REWARDS)} rewards, "
+                f"advantage_estimator {cfg.advantage_estimator} (DenseGRPOTrainer)")] if cfg.dense else []),
+            f"prompts    {data}; {', '.join(limits)}",
+            (f"per step   {cfg.per_device_train_batch_size} completions x {cfg.gradient_accumulation_steps} "
+             f"accumulation x {processes} process{'es' if processes != 1 else ''} = {per_step} completions = "
+             f"{per_step / cfg.num_generations:g} prompts x G={cfg.num_generations}"),
+            (f"sampling   {generation}, up to {cfg.max_completion_length} tokens, temperature {cfg.temperature}, "
+             f"loss {cfg.loss_type}, beta {cfg.beta}, learning rate {cfg.learning_rate:g}"),
+        ]
+    tail = [(f"steps      {cfg.max_steps}, checkpoint every {cfg.save_steps}"
+             + (f" (keep {cfg.save_total_limit})" if cfg.save_total_limit else "") + f" -> {cfg.output_dir}")]
+    return "\n".join(head + body + tail)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -34,9 +35,12 @@ from cmerl.training.config import (
     config_from_dict,
     config_to_yaml,
     grpo_args,
+    trainer_args,
     validate,
 )
-from cmerl.training.reward_setup import GuardedReward, build_rewards
+from cmerl.training.distill import ensure_teacher_outputs, teacher_dataset
+from cmerl.training.reward_registry import REWARDS
+from cmerl.training.reward_setup import build_rewards
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -50,7 +54,7 @@ class TrainingSession:
     policy: Any
     tokenizer: Any
     prompt_set: Any
-    rewards: list[GuardedReward]
+    rewards: list[Any]  # TRL reward callables (GRPO); empty for the dpo and distill baselines
     resume_from: Path | None = None
 
     @property
@@ -116,13 +120,16 @@ def prepare_run_dir(cfg: TrainConfig, *, resume: bool, echo: Echo | None = None)
 
 def build_session(cfg: TrainConfig, *, resume_from: Path | None = None, progress: bool = False,
                   echo: Echo | None = None) -> TrainingSession:
-    """Load tokenizer, prompts, policy and verifiers, and build the ``GRPOTrainer`` with cmerl's callbacks."""
+    """Load tokenizer, prompts, policy and verifiers, and build the ``GRPOTrainer`` with cmerl's callbacks
+    (``method: dpo`` / ``distill``: the baseline's trainer, see :func:`build_baseline_session`)."""
     from accelerate import PartialState
     from trl import GRPOTrainer
 
     from cmerl.data import load_prompt_set, to_dataset
     from cmerl.models import load_model, load_tokenizer
 
+    if cfg.method != "grpo":
+        return build_baseline_session(cfg, resume_from=resume_from, progress=progress, echo=echo)
     args = grpo_args(cfg)
     state = PartialState()
     rank = f"(rank {state.process_index} of {state.num_processes}) " if state.num_processes > 1 else ""
@@ -134,36 +141,153 @@ def build_session(cfg: TrainConfig, *, resume_from: Path | None = None, progress
     tokenizer = load_tokenizer(cfg.policy)
     prompt_set = load_prompt_set(cfg.prompts, tokenizer, column=cfg.prompt_column, split=cfg.prompt_split,
                                  max_prompt_length=cfg.max_prompt_length, max_prompts=cfg.max_prompts,
-                                 heldout=cfg.heldout_prompts, system_prompt=cfg.system_prompt)
+                                 heldout=cfg.heldout_prompts, system_prompt=cfg.system_prompt,
+                                 answer_column=cfg.answer_column)
     say(prompt_set.summary())
+    split = None
+    if cfg.heldout_eval_steps:  # checked before any model loads: an overlapping split is refused
+        from cmerl.training.heldout import heldout_split
+
+        split = heldout_split(cfg, prompt_set.prompts, prompt_set.heldout)
+        say(f"held-out evaluation every {cfg.heldout_eval_steps} steps on {len(split.instructions)} prompts of "
+            f"{split.name} (judge {cfg.heldout_eval_judge}); best/ keeps the best win rate vs step 0")
     dataset = to_dataset(prompt_set, tokenizer, cfg.system_prompt)
     say(f"loading policy {cfg.policy} ...")
     policy, _ = load_model(cfg.policy, dtype=cfg.policy_dtype, trained=True, role="policy",
-                           show_progress=progress)
-    say(f"policy {cfg.policy}: {policy.cmerl_dtype}")
+                           show_progress=progress)  # logs "policy <name>: <dtype> (<why>)"
     eos_ids = _eos_ids(policy, tokenizer)
     say("loading reward models: " + ", ".join(
-        (f"cme <- {', '.join(cfg.verifiers)} ({cfg.verifier_dtype})" if r == "cme" else r) for r in cfg.rewards),
-        every_rank=True)
+        (f"{r} <- {', '.join(cfg.verifiers)} ({cfg.verifier_dtype})" if r in REWARDS and REWARDS[r].uses_verifiers
+         else r) for r in cfg.rewards), every_rank=True)
     rewards = build_rewards(cfg, policy, tokenizer, eos_ids=eos_ids)
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+    peft_config = lora_config(cfg)
     run_dir = Path(cfg.output_dir)
+    callbacks = _callbacks(cfg, run_dir, progress=progress, echo=echo)
+    if split is not None:
+        from cmerl.training.heldout import HeldOutEval
+
+        callbacks.append(HeldOutEval(cfg, run_dir, split, tokenizer, echo=echo))
+    trainer_cls, dense_kwargs = GRPOTrainer, {}
+    if cfg.dense:  # per-token advantages (docs/training.md "Dense rewards")
+        from cmerl.training.dense import DenseGRPOTrainer
+
+        trainer_cls, dense_kwargs = DenseGRPOTrainer, {"advantage_estimator": cfg.advantage_estimator}
+    with _reference_loadable(policy, cfg):
+        trainer = trainer_cls(model=policy, reward_funcs=rewards, args=args, train_dataset=dataset,
+                              processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+                              **dense_kwargs)
+    _remove_console_callbacks(trainer)
+    return TrainingSession(cfg=cfg, run_dir=run_dir, trainer=trainer, policy=policy, tokenizer=tokenizer,
+                           prompt_set=prompt_set, rewards=rewards, resume_from=resume_from)
+
+
+@contextlib.contextmanager
+def _reference_loadable(policy, cfg: TrainConfig):
+    """While the trainer is built: with ``beta > 0`` and full fine-tuning, TRL loads its reference model with
+    ``from_pretrained(policy.config._name_or_path)``, which ``load_model`` sets to cmerl's identity string
+    (``folder:...``, ``packaged:...``); point it at the policy's local HF folder meanwhile, then restore it."""
+    if cfg.beta == 0 or cfg.lora:
+        yield
+        return
+    from cmerl.models import local_folder
+
+    identity = policy.config._name_or_path
+    policy.config._name_or_path = str(local_folder(cfg.policy))
+    try:
+        yield
+    finally:
+        policy.config._name_or_path = identity
+
+
+def lora_config(cfg: TrainConfig):
+    """The ``peft.LoraConfig`` of a ``lora: true`` run (None for full fine-tuning); every method uses it."""
+    if not cfg.lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
+
+
+def _callbacks(cfg: TrainConfig, run_dir: Path, *, progress: bool, echo: Echo | None) -> list:
+    """cmerl's trainer callbacks, the same for every method: metrics.jsonl, checkpoint finalisation, progress."""
     callbacks = [MetricsLogger(run_dir), CheckpointFinalizer(cfg, run_dir)]
     if progress:
-        callbacks.append(RichProgress(echo))
-    trainer = GRPOTrainer(model=policy, reward_funcs=rewards, args=args, train_dataset=dataset,
-                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+        callbacks.append(RichProgress(echo, label=cfg.method.upper()))
+    return callbacks
+
+
+def _remove_console_callbacks(trainer) -> None:
+    """transformers' printer and tqdm callbacks: cmerl's progress bar and metrics.jsonl replace them."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+
+
+def build_baseline_session(cfg: TrainConfig, *, resume_from: Path | None = None, progress: bool = False,
+                           echo: Echo | None = None) -> TrainingSession:
+    """``method: dpo``: TRL's ``DPOTrainer`` on the prompt/chosen/rejected rows of ``cfg.prompts`` (the
+    reference is a frozen copy of the initial policy; with LoRA, the base with the adapter disabled).
+    ``method: distill``: TRL's ``SFTTrainer`` (completion-only loss) on ``RUN_DIR/teacher_outputs.json``
+    (:func:`prepare_teacher_outputs` must have run). Both with the run's steps, batch, learning rate, LoRA,
+    and the callbacks of a GRPO run: the same ``metrics.jsonl``, checkpoints, run cards and ``final/``."""
+    import copy
+
+    from trl import DPOTrainer, SFTTrainer
+
+    from cmerl.data import load_preference_set, to_preference_dataset
+    from cmerl.models import load_model, load_tokenizer
+
+    args = trainer_args(cfg)
+    is_main = _main_process()
+
+    def say(text: str) -> None:
+        if echo is not None and is_main:
+            echo(text)
+
+    tokenizer = load_tokenizer(cfg.policy)
+    if cfg.method == "dpo":
+        prompt_set, pairs = load_preference_set(
+            cfg.prompts, tokenizer, column=cfg.prompt_column, chosen_column=cfg.chosen_column,
+            rejected_column=cfg.rejected_column, split=cfg.prompt_split, max_prompt_length=cfg.max_prompt_length,
+            max_prompts=cfg.max_prompts, heldout=cfg.heldout_prompts, system_prompt=cfg.system_prompt)
+        say(f"{prompt_set.summary()}: {len(pairs)} preference pairs ({cfg.chosen_column} vs {cfg.rejected_column})")
+        dataset = to_preference_dataset(pairs, tokenizer, cfg.system_prompt)
+    else:
+        prompt_set, dataset, counts = teacher_dataset(cfg, tokenizer)
+        say(f"{prompt_set.summary()}: {counts['answers']} teacher answers, {counts['cut']} cut to "
+            f"{cfg.max_completion_length} policy tokens, {counts['length']} stopped by the verifier's token limit")
+    say(f"loading policy {cfg.policy} ...")
+    policy, _ = load_model(cfg.policy, dtype=cfg.policy_dtype, trained=True, role="policy",
+                           show_progress=progress)  # logs "policy <name>: <dtype> (<why>)"
+    run_dir = Path(cfg.output_dir)
+    peft_config = lora_config(cfg)
+    callbacks = _callbacks(cfg, run_dir, progress=progress, echo=echo)
+    if cfg.method == "dpo":
+        # TRL would rebuild the reference from model.config's name, which for cmerl's model names (packaged
+        # aliases, GGUF files) is no from_pretrained path: hand it a frozen copy of the initial weights.
+        ref_model = None if cfg.lora else copy.deepcopy(policy).eval().requires_grad_(False)
+        trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    else:
+        trainer = SFTTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config, callbacks=callbacks)
+    _remove_console_callbacks(trainer)
     return TrainingSession(cfg=cfg, run_dir=run_dir, trainer=trainer, policy=policy, tokenizer=tokenizer,
-                           prompt_set=prompt_set, rewards=rewards, resume_from=resume_from)
+                           prompt_set=prompt_set, rewards=[], resume_from=resume_from)
+
+
+def prepare_teacher_outputs(cfg: TrainConfig, *, progress: bool = False, echo: Echo | None = None) -> None:
+    """``method: distill``: generate whatever is missing of the verifier's answers (main process; the
+    others wait), before the SFT session is built. A no-op for the other methods."""
+    if cfg.method != "distill":
+        return
+    from cmerl.models import load_tokenizer
+
+    if _main_process():
+        ensure_teacher_outputs(cfg, load_tokenizer(cfg.policy), progress=progress, echo=echo)
+    _wait_for_everyone()
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -219,6 +343,7 @@ def start(cfg: TrainConfig, *, resume: bool = False, progress: bool = False,
     if echo and resume:
         echo(f"resuming from {ckpt} (step {checkpoint_step(ckpt)})" if ckpt else
              f"no complete checkpoint in {cfg.output_dir}; starting from step 0")
+    prepare_teacher_outputs(cfg, progress=progress, echo=echo)
     return build_session(cfg, resume_from=ckpt, progress=progress, echo=echo)
 
 
