@@ -148,6 +148,7 @@ def test_cli_refuses_a_bad_dtype_in_one_line(tmp_path):
                                       "--dtype", "float8"])
     assert result.exit_code == 2
     assert "unknown dtype 'float8'" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_cli_train_check_prints_the_resolved_dtypes():

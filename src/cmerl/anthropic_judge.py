@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 from cmerl.judging import (
     DEFAULT_MAX_RESPONSE_CHARS,
@@ -22,6 +21,7 @@ from cmerl.judging import (
     JudgeConnectionError,
     JudgePrompt,
     OrderResult,
+    judge_concurrently,
     parse_verdict,
     truncate_response,
 )
@@ -71,13 +71,7 @@ class AnthropicJudge:
         self._client.close()
 
     def judge(self, jobs: Sequence[Job]) -> list[OrderResult]:
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            results = []
-            for r in pool.map(self._judge_one, jobs):
-                results.append(r)
-                if self.progress:
-                    self.progress(1)
-        return results
+        return judge_concurrently(self._judge_one, jobs, self.concurrency, self.progress)
 
     def _judge_one(self, job: Job) -> OrderResult:
         import anthropic

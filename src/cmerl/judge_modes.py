@@ -42,6 +42,7 @@ from cmerl.judging import (
     LocalJudge,
     OrderResult,
     Pair,
+    read_prompt_sections,
     read_verdicts,
     truncate_response,
 )
@@ -148,19 +149,7 @@ class RubricPrompt:
     def load(cls, path: str | Path | None = None) -> RubricPrompt:
         """Load a rubric prompt file (default: the packaged ``prompts/pointwise_rubric.txt``); same section
         markers as :meth:`JudgePrompt.load`, and the user section must hold ``{instruction}`` and ``{response}``."""
-        if path is None:
-            text = resources.files("cmerl").joinpath("prompts", RUBRIC_PROMPT).read_text(encoding="utf-8")
-            source = f"cmerl/prompts/{RUBRIC_PROMPT}"
-        else:
-            p = Path(path)
-            if not p.is_file():
-                raise FileNotFoundError(f"judge prompt file not found: {p}")
-            text, source = p.read_text(encoding="utf-8"), str(p)
-        parts = re.split(r"^<<<(system|user|assistant_prefill)>>>[ \t]*\n", text, flags=re.MULTILINE)
-        sections = dict(zip(parts[1::2], parts[2::2]))
-        missing = [s for s in ("system", "user", "assistant_prefill") if s not in sections]
-        if missing:
-            raise ValueError(f"rubric prompt {source} lacks section(s) {missing}")
+        text, source, sections = read_prompt_sections(path, RUBRIC_PROMPT, "rubric prompt")
         user = sections["user"].strip("\n")
         for ph in ("{instruction}", "{response}"):
             if ph not in user:

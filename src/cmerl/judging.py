@@ -50,6 +50,27 @@ TRUNCATION_MARK = "\n[... truncated]"
 
 
 # --------------------------------------------------------------------------- the prompt
+def read_prompt_sections(path: str | Path | None, packaged: str, kind: str) -> tuple[str, str, dict[str, str]]:
+    """``(text, source, sections)`` of a judge prompt file: ``path``, or the packaged ``prompts/<packaged>``
+    when None. Sections are opened by lines ``<<<system>>>``, ``<<<user>>>`` and ``<<<assistant_prefill>>>``;
+    a missing file or section raises naming it (``kind`` says which prompt, for the message)."""
+    if path is None:
+        text = resources.files("cmerl").joinpath("prompts", packaged).read_text(encoding="utf-8")
+        source = f"cmerl/prompts/{packaged}"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"judge prompt file not found: {p}")
+        text, source = p.read_text(encoding="utf-8"), str(p)
+    parts = re.split(r"^<<<(system|user|assistant_prefill)>>>[ \t]*\n", text, flags=re.MULTILINE)
+    sections = dict(zip(parts[1::2], parts[2::2]))
+    missing = [s for s in ("system", "user", "assistant_prefill") if s not in sections]
+    if missing:
+        raise ValueError(f"{kind} {source} lacks section(s) {missing}; open each with a line "
+                         "<<<system>>>, <<<user>>>, <<<assistant_prefill>>>")
+    return text, source, sections
+
+
 @dataclass(frozen=True)
 class JudgePrompt:
     """A judge prompt: system text, a user template with ``{instruction}``, ``{response_a}``,
@@ -72,20 +93,7 @@ class JudgePrompt:
         The file has three sections, each opened by a line ``<<<system>>>``, ``<<<user>>>`` and
         ``<<<assistant_prefill>>>``; the user section must hold the three placeholders.
         """
-        if path is None:
-            text = resources.files("cmerl").joinpath("prompts", DEFAULT_PROMPT).read_text(encoding="utf-8")
-            source = f"cmerl/prompts/{DEFAULT_PROMPT}"
-        else:
-            p = Path(path)
-            if not p.is_file():
-                raise FileNotFoundError(f"judge prompt file not found: {p}")
-            text, source = p.read_text(encoding="utf-8"), str(p)
-        parts = re.split(r"^<<<(system|user|assistant_prefill)>>>[ \t]*\n", text, flags=re.MULTILINE)
-        sections = dict(zip(parts[1::2], parts[2::2]))
-        missing = [s for s in ("system", "user", "assistant_prefill") if s not in sections]
-        if missing:
-            raise ValueError(f"judge prompt {source} lacks section(s) {missing}; open each with a line "
-                             "<<<system>>>, <<<user>>>, <<<assistant_prefill>>>")
+        text, source, sections = read_prompt_sections(path, DEFAULT_PROMPT, "judge prompt")
         user = sections["user"].strip("\n")
         for ph in ("{instruction}", "{response_a}", "{response_b}"):
             if ph not in user:
@@ -173,6 +181,19 @@ class Judge(Protocol):
     def settings(self) -> dict: ...
 
     def judge(self, jobs: Sequence[Job]) -> list[OrderResult]: ...
+
+
+def judge_concurrently(judge_one: Callable[[Job], OrderResult], jobs: Sequence[Job], concurrency: int,
+                       progress: Callable[[int], None] | None = None) -> list[OrderResult]:
+    """``judge_one`` on every job with ``concurrency`` threads (API judges: one request per job), results in
+    job order; ``progress(1)`` after each."""
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = []
+        for r in pool.map(judge_one, jobs):
+            results.append(r)
+            if progress:
+                progress(1)
+    return results
 
 
 # --------------------------------------------------------------------------- decision
@@ -399,13 +420,7 @@ class OpenAIJudge:
         self._client.close()
 
     def judge(self, jobs: Sequence[Job]) -> list[OrderResult]:
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            results = []
-            for r in pool.map(self._judge_one, jobs):
-                results.append(r)
-                if self.progress:
-                    self.progress(1)
-        return results
+        return judge_concurrently(self._judge_one, jobs, self.concurrency, self.progress)
 
     # -- requests
     def _post(self, path: str, body: dict) -> dict:

@@ -27,8 +27,9 @@ def _check_dtype(value: str) -> str:
 
     try:
         return check_dtype_name(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    except ValueError as exc:  # one line, like every other input error (not typer's usage box)
+        typer.echo(f"error: --dtype: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def dtype_option(what: str, *names: str):
