@@ -39,6 +39,8 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cmerl.formatting import disjoint_spans
+
 Span = tuple[int, int]
 
 
@@ -139,26 +141,17 @@ def align_tokens(verifier_spans: Sequence[Span], policy_spans: Sequence[Span], *
 
 def _identity_runs(v: list[Span], p: list[Span], v_ids: list[int], p_ids: list[int]) -> dict[int, int]:
     """Verifier index -> policy index for the runs of equal ids (difflib's matching blocks) that start and
-    end at the same characters on both sides (verifier spans compared after :func:`_disjoint`)."""
+    end at the same characters on both sides (verifier spans compared after
+    :func:`~cmerl.formatting.disjoint_spans`)."""
     import difflib
 
-    dv = _disjoint(v)
+    dv = disjoint_spans(v)
     twin: dict[int, int] = {}
     matcher = difflib.SequenceMatcher(None, v_ids, p_ids, autojunk=False)
     for jv, jp, size in matcher.get_matching_blocks():
         if size and dv[jv][0] == p[jp][0] and dv[jv + size - 1][1] == p[jp + size - 1][1]:
             twin.update((jv + k, jp + k) for k in range(size))
     return twin
-
-
-def _disjoint(spans: list[Span]) -> list[Span]:
-    out, prev = [], 0
-    for a, b in spans:
-        a = max(a, prev)
-        b = max(b, a)
-        out.append((a, b))
-        prev = b
-    return out
 
 
 def _overlaps(a: int, b: int, nonempty: list[int], starts: list[int], ends: list[int],
