@@ -93,7 +93,7 @@ def main() -> None:
         files[run.name] = args.work / f"{run.name}.json"
         print(f"[pilot] {run.name}: greedy held-out completions of {run / 'final'}")
         _generate(str(run / "final"), items, files[run.name], gen, generator=run.name, stop_after=None, progress=True)
-    scores = heldout_scores(args.verifier, files, echo=print)
+    scores = heldout_scores(args.verifier, files, print_status=print)
     base_out = [r["output"] for r in json.loads(files["base"].read_text())]
     result = {"n": len(items), "verifier": args.verifier, "generation": gen.to_dict(), "runs": {}}
     for name, s in scores["systems"].items():

@@ -12,16 +12,15 @@ Messages API (``{"type": "message", "content": [{"type": "text", "text": ...}], 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _eval_helpers import free_port, quality, split_responses
+from _eval_helpers import quality, split_responses
+from _server_helpers import ChildServer
 
 KEY = "test-anthropic-key"
 
@@ -82,41 +81,19 @@ class _Handler(BaseHTTPRequestHandler):
                          "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 5}})
 
 
-class AnthropicServer:
-    """The server above as a child process on a free port; ``base_url`` has no ``/v1`` (as the client wants)."""
+class AnthropicServer(ChildServer):
+    """The server above as a child process on a free port (started on construction); ``base_url`` has no
+    ``/v1`` (as the client wants)."""
 
     def __init__(self):
-        import httpx
-
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, __file__, str(self.port)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("Anthropic test server did not start within 20 s")
+        super().__init__([sys.executable, __file__, "{port}"], ready_timeout=20.0)
+        self.base_url = self.url
+        self.start()
 
     def stats(self) -> dict[str, int]:
         import httpx
 
         return httpx.get(f"{self.base_url}/stats", timeout=5).json()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 if __name__ == "__main__":

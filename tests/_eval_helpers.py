@@ -26,14 +26,13 @@ import json
 import math
 import os
 import re
-import socket
-import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
+
+from _server_helpers import ChildServer
 
 SMOLLM = "smollm2-135m-instruct"
 CMERL = str(Path(sys.executable).parent / "cmerl")
@@ -158,49 +157,19 @@ def serve(port: int, api_key: str | None = None) -> None:
     ThreadingHTTPServer(("127.0.0.1", port), _Handler).serve_forever()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class JudgeServer:
-    """The rule-based judge server as a child process on a free 127.0.0.1 port."""
+class JudgeServer(ChildServer):
+    """The rule-based judge server as a child process on a free 127.0.0.1 port (started on construction)."""
 
     def __init__(self, api_key: str | None = None):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        args = [sys.executable, __file__, "--port", str(self.port)]
-        if api_key:
-            args += ["--api-key", api_key]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        import httpx
-
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"judge server exited: {self.proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("judge server did not start within 20 s")
+        super().__init__([sys.executable, __file__, "--port", "{port}", *(["--api-key", api_key] if api_key else [])],
+                         ready_timeout=20.0)
+        self.base_url = f"{self.url}/v1"
+        self.start()
 
     def stats(self) -> dict[str, int]:
         import httpx
 
-        return httpx.get(f"http://127.0.0.1:{self.port}/stats", timeout=5).json()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        return httpx.get(f"{self.url}/stats", timeout=5).json()
 
 
 # --------------------------------------------------------------------------- files and tiny models

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Self
@@ -39,27 +40,34 @@ def save_tiny_verifier(folder: Path, *, alias: str = SMOLLM, seed: int = 1) -> P
     return folder
 
 
-class ServerProcess:
-    """One ``cmerl serve`` child process on 127.0.0.1; output goes to ``log`` (shown when it fails)."""
+class ChildServer:
+    """One HTTP server child process on 127.0.0.1 (any command; the one helper every test that starts a
+    server uses): start, wait until ``GET {health_path}`` answers 200 (and ``ready_text`` is in its output),
+    signal / kill / restart, stop gracefully. Its output goes to ``log`` (shown when it fails)."""
 
-    def __init__(self, args: list[str], *, log: Path, port: int | None = None, env: dict[str, str] | None = None,
-                 ready_timeout: float = 120.0, ready_text: str | None = None):
-        self.args = list(args)
+    def __init__(self, cmd: list[str], *, log: Path | None = None, port: int | None = None,
+                 env: dict[str, str] | None = None, ready_timeout: float = 120.0, ready_text: str | None = None,
+                 health_path: str = "/health"):
         self.port = port or free_port()
+        self.cmd = [part.replace("{port}", str(self.port)) for part in cmd]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
+        self.log = log or Path(tempfile.mkdtemp(prefix="cmerl-test-server-")) / "server.log"
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         self.ready_timeout = ready_timeout
         self.ready_text = ready_text  # also wait for this line in the log (e.g. all Ray replicas up)
+        self.health_path = health_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self, wait: bool = True) -> ServerProcess:
-        cmd = [CMERL, "serve", *self.args, "--host", "127.0.0.1", "--port", str(self.port)]
+    def start(self, wait: bool = True) -> Self:
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.kill_group()
+                raise
         return self
 
     def wait_ready(self) -> None:
@@ -68,7 +76,7 @@ class ServerProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200 and (
+                if httpx.get(f"{self.url}{self.health_path}", timeout=2.0).status_code == 200 and (
                         self.ready_text is None or self.ready_text in self.output()):
                     return
             except httpx.HTTPError:
@@ -120,6 +128,16 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ServerProcess(ChildServer):
+    """One ``cmerl serve`` child process on 127.0.0.1; output goes to ``log`` (shown when it fails)."""
+
+    def __init__(self, args: list[str], *, log: Path, port: int | None = None, env: dict[str, str] | None = None,
+                 ready_timeout: float = 120.0, ready_text: str | None = None):
+        self.args = list(args)
+        super().__init__([CMERL, "serve", *self.args, "--host", "127.0.0.1", "--port", "{port}"], log=log,
+                         port=port, env=env, ready_timeout=ready_timeout, ready_text=ready_text)
 
 
 def tiny_args(folder: Path, *extra: str) -> list[str]:

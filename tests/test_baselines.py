@@ -218,7 +218,7 @@ def test_distill_generates_the_verifiers_answers_resumably_then_fine_tunes(tmp_p
     assert training.sft_args(cfg).completion_only_loss is True
     training.prepare_run_dir(cfg, resume=False)
     said: list[str] = []
-    training.prepare_teacher_outputs(cfg, echo=said.append)
+    training.prepare_teacher_outputs(cfg, print_status=said.append)
     out = Path(cfg.output_dir) / training.TEACHER_OUTPUTS_NAME
     rows = json.loads(out.read_text())
     assert len(rows) == 12 * 2 and sorted(r["index"] for r in rows) == list(range(24))
@@ -230,7 +230,7 @@ def test_distill_generates_the_verifiers_answers_resumably_then_fine_tunes(tmp_p
     assert side["settings"]["model"]["weights"].startswith("files:")
     # Resumable: a complete file is reused without loading the verifier; other settings are refused.
     said.clear()
-    training.prepare_teacher_outputs(cfg, echo=said.append)
+    training.prepare_teacher_outputs(cfg, print_status=said.append)
     assert said == [f"teacher answers: 24 already in {out}"] and json.loads(out.read_text()) == rows
     hotter = config_from_dict({**tiny_config(tmp_path, policy, verifier, prompts), "method": "distill",
                                "distill_samples": 2, "distill_temperature": 1.0})

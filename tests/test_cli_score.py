@@ -191,7 +191,7 @@ def test_version_is_the_installed_distribution_version():
 def test_interrupted_score_resumes_without_redoing_rows(tmp_path, verifier_folder, monkeypatch, suffix):
     """Rows are appended every CHUNK_ROWS; after a crash in the second chunk the first chunk is on disk,
     and a rerun scores only the rest. The result equals an uninterrupted run."""
-    import cmerl.cli.score as score_cli
+    import cmerl.score_rows as score_cli
 
     rows = [{"prompt": f"Question {i}?", "response": f"Answer number {i}."} for i in range(5)]
     inp = tmp_path / "in.jsonl"

@@ -16,8 +16,8 @@ from _eval_helpers import (
 )
 from typer.testing import CliRunner
 
+from cmerl.checks import load_reference_pairs
 from cmerl.cli import app
-from cmerl.evaluation import load_reference_pairs
 from cmerl.judging import read_verdicts
 
 runner = CliRunner()
@@ -150,7 +150,7 @@ def test_reward_check_by_hand(tmp_path, tiny_dirs):
 
 def test_off_topic_reward_check(tmp_path, tiny_dirs):
     """--rejected off-topic: each prompt's chosen answer against another prompt's chosen answer."""
-    from cmerl.evaluation import PreferencePair, RewardCheckResult, off_topic_pairs
+    from cmerl.checks import PreferencePair, RewardCheckResult, off_topic_pairs
 
     pairs = [PreferencePair(f"q{i}", f"answer {i}", f"bad {i}") for i in range(7)]
     swapped = off_topic_pairs(pairs, seed=3)

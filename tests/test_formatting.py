@@ -46,7 +46,7 @@ def test_span_decodes_to_exactly_the_response(family_tokenizer, response):
     assert tok.decode(span) == response
     assert pair.input_ids[:pair.response_start] == _ctx_ids(tok, "What is the capital of France?")
     assert not set(span) & _special_ids(tok), "a template token was counted as a response token"
-    assert pair.response_end == len(pair.input_ids) and pair.n_response_tokens == len(span) > 0
+    assert pair.response_start + pair.n_response_tokens == len(pair.input_ids) and pair.n_response_tokens == len(span) > 0
 
 
 @pytest.mark.parametrize("response", MERGING)

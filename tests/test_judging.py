@@ -291,7 +291,7 @@ def test_packaged_qwen_judge_prefers_the_answer_to_the_right_prompt():
     this test take 20 minutes on an AVX2 CPU): a real answer beats an answer to another prompt in most pairs."""
     import os
 
-    from cmerl.evaluation import load_reference_pairs
+    from cmerl.checks import load_reference_pairs
 
     torch.set_num_threads(os.cpu_count() or 1)  # a real model: use the cores (single_thread restores it)
     refs = sorted(load_reference_pairs(), key=lambda r: len(r.pair.output_a))
@@ -310,7 +310,7 @@ def test_packaged_qwen_judge_prefers_the_answer_to_the_right_prompt():
 def test_packaged_agreement_matches_the_default_setup(alias, family, request):
     """The stored agreements apply only to the default prompt, settings and rule: changing any of them must
     change the key (then re-run judge-check and update PACKAGED_AGREEMENT and benchmarks/RESULTS.md)."""
-    from cmerl.evaluation import PACKAGED_AGREEMENT, lookup_agreement
+    from cmerl.agreement_registry import PACKAGED_AGREEMENT, lookup_agreement
     from cmerl.judging import judge_key
 
     tok = request.getfixturevalue(f"{family}_tokenizer")

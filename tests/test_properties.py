@@ -42,7 +42,7 @@ def test_response_span_is_exactly_what_the_response_adds(family_tokenizer, promp
     ids = pair.input_ids[:-1] if include_eos else pair.input_ids
     assert 1 <= pair.response_start <= len(ctx_ids)
     assert ids[:pair.response_start] == ctx_ids[:pair.response_start]
-    assert pair.response_end == len(pair.input_ids)
+    assert pair.response_start + pair.n_response_tokens == len(pair.input_ids)
     if include_eos:
         assert pair.input_ids[-1] == end_of_turn_id(tok, cfg)
     if response == "":

@@ -8,12 +8,23 @@ folder; a UTF-8 byte-order mark keeps row 1; ``score`` refuses to append after f
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 from typer.testing import CliRunner
 
 from cmerl.cli import app
-from cmerl.io import iter_jsonl, read_records, skipped_lines
+from cmerl.io import (
+    iter_jsonl,
+    read_records,
+    skipped_lines,
+    write_atomic,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_records,
+    write_text_atomic,
+)
 
 ROW = {"prompt": "Q?", "response": "A."}
 
@@ -79,3 +90,43 @@ def test_score_refuses_to_append_after_foreign_text(tmp_path):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2 and "line 2: invalid JSON" in res.output, res.output
     assert out.read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+def test_atomic_write_keeps_the_old_file_when_the_write_raises_midway(tmp_path):
+    target = tmp_path / "result.json"
+    target.write_text('{"old": true}\n', encoding="utf-8")
+
+    def half_then_fail(f):
+        f.write(b'{"new": ')
+        f.flush()
+        raise RuntimeError("disk went away")
+
+    with pytest.raises(RuntimeError, match="disk went away"):
+        write_atomic(target, half_then_fail, text=False)
+    assert target.read_text(encoding="utf-8") == '{"old": true}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # the temp file is gone
+    # json.dump streams: the list's first item is in the temp file when the second fails to encode
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        write_json_atomic(target, [1, object()])
+    assert target.read_text(encoding="utf-8") == '{"old": true}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_atomic_writes_replace_create_folders_and_keep_plain_permissions(tmp_path):
+    old_umask = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a" / "b" / "notes.md", "café\n")
+        write_bytes_atomic(tmp_path / "blob.bin", b"\x00\xff")
+        write_json_atomic(tmp_path / "r.json", {"k": "é"})
+        write_records(tmp_path / "rows.jsonl", [{"i": 1}, {"i": 2}])
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "a" / "b" / "notes.md").read_bytes() == "café\n".encode()
+    assert (tmp_path / "blob.bin").read_bytes() == b"\x00\xff"
+    assert (tmp_path / "r.json").read_text(encoding="utf-8") == '{\n  "k": "é"\n}\n'
+    assert (tmp_path / "rows.jsonl").read_text(encoding="utf-8") == '{"i": 1}\n{"i": 2}\n'
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644  # what open() gives, not mkstemp's 0o600
+    write_text_atomic(tmp_path / "a" / "b" / "notes.md", "second\n")
+    assert (tmp_path / "a" / "b" / "notes.md").read_text(encoding="utf-8") == "second\n"
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["notes.md"]

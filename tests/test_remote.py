@@ -15,9 +15,8 @@ from cmerl.scoring.remote import (
     RemoteVerifier,
     VerifierMismatchError,
     read_prompt_logprobs,
-    summarize,
 )
-from cmerl.scoring.types import ScoreRequest
+from cmerl.scoring.types import ScoreRequest, response_score_from_token_logprobs
 
 pytest_plugins = ["_server_fixtures"]  # tiny_verifier_dir, tiny_local, tiny_server fixtures
 
@@ -166,7 +165,7 @@ def test_read_prompt_logprobs_vllm_layout():
         read_prompt_logprobs(choice, [1, 9, 4], 1)
     with pytest.raises(RemoteScoringError, match="2 positions"):
         read_prompt_logprobs(choice[:2], [1, 9, 3], 1)
-    s = summarize([-2.0, -9999.0, float("nan")], floor=-20.0, empty_score=-20.0)
+    s = response_score_from_token_logprobs([-2.0, -9999.0, float("nan")], floor=-20.0, empty_score=-20.0)
     assert s.token_logprobs == [-2.0, -20.0, -20.0] and math.isclose(s.mean_logprob, -14.0)
 
 

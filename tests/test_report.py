@@ -115,3 +115,28 @@ def test_report_of_checks_and_bad_folder(tmp_path):
     assert "| mean_logprob | 75.0% | 25.0%-100.0% | -0.50 | n/a |" in text
     with pytest.raises(FileNotFoundError, match="report folder not found"):
         write_report(tmp_path / "missing")
+
+
+def test_one_curve_plotter_serves_report_and_run_card(tmp_path):
+    """plot_curves: panels without any value are left out, nothing at all writes no file; the run card's
+    reward curve (GRPO) and per-metric panels (DPO) are drawn by it."""
+    from cmerl.plots import CurvePanel, plot_curves
+    from cmerl.training import config_from_dict, write_run_card
+
+    rows = [{"step": 1, "reward": 0.1, "loss": None}, {"step": 2, "reward": 0.3}]
+    assert not plot_curves(rows, [CurvePanel(("loss",)), CurvePanel(("absent",))], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+    assert plot_curves(rows, [CurvePanel(("reward", "loss"), title="reward")], tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:8] == PNG
+    history = [{"step": s, "reward": 0.1 * s, "rewards/cme/mean": -1 + 0.1 * s, "loss": 1 / s,
+                "rewards/margins": 0.2 * s} for s in (1, 2, 3)]
+    for method in ("grpo", "dpo"):
+        cfg = config_from_dict({"policy": "p", "verifiers": ["v"], "method": method,
+                                "output_dir": str(tmp_path / method)})
+        (tmp_path / method).mkdir()
+        write_run_card(tmp_path / method, cfg, history, step=3)
+        assert (tmp_path / method / "reward_curve.png").read_bytes()[:8] == PNG
+        assert "](reward_curve.png)" in (tmp_path / method / "run_card.md").read_text()
+    write_run_card(tmp_path, cfg, [], step=0)  # nothing logged yet: no figure, the card says so
+    assert not (tmp_path / "reward_curve.png").exists()
+    assert "(no logged steps yet)" in (tmp_path / "run_card.md").read_text()

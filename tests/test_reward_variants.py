@@ -10,8 +10,8 @@ import pytest
 from _training_helpers import tiny_random_folder
 from typer.testing import CliRunner
 
+from cmerl.checks import PreferencePair, check_signal_names, ensemble_check, reward_check
 from cmerl.cli import app
-from cmerl.evaluation import PreferencePair, check_signal_names, ensemble_check, reward_check
 from cmerl.reward_variants import (
     NULL_PROMPT,
     LengthResidualCME,

@@ -11,8 +11,8 @@ from _core_helpers import reference
 from conftest import PEAK_SCALE
 
 from cmerl.formatting import render_pair
-from cmerl.scoring import DEFAULT_LOGPROB_FLOOR, ResponseScore, ScoreRequest, Verifier, local
-from cmerl.scoring.local import plan_batches
+from cmerl.scoring import DEFAULT_LOGPROB_FLOOR, ResponseScore, ScoreRequest, Verifier
+from cmerl.scoring.requests import PreparedRequest, plan_batches
 from cmerl.testing import tiny_for_tokenizer
 
 PROMPTS = [
@@ -107,7 +107,7 @@ def test_shared_prompt_prefix_equals_reference(tiny_verifier):
     requests = [v.render(p, r) for p, r in zip(prompts, responses)]
     assert requests[0].response_start > 64
     shared = Verifier(v.model, v.tokenizer, max_batch_tokens=600)  # several batches for the group
-    plan = shared._plan([local._Prepared(r.input_ids, r.response_start, False) for r in requests],
+    plan = shared._plan([PreparedRequest(r.input_ids, r.response_start, False) for r in requests],
                         list(range(len(requests))))
     grouped = [rows for prefix_len, _, rows in plan if prefix_len]
     assert sum(len(rows) for rows in grouped) >= 4 and len(grouped) >= 2

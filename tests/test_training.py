@@ -222,14 +222,43 @@ def test_overrides_and_template(tmp_path):
         assert f"# {help_text}" in template
 
 
-def test_shipped_configs_are_valid_and_demo_matches_code():
-    from cmerl.demo import DEMO_SETTINGS, demo_config
+def test_packaged_configs_are_valid_and_found_by_name(tmp_path, monkeypatch):
+    from cmerl.configs import CONFIG_ROOT, find_config, packaged_configs
+    from cmerl.demo import demo_config
 
-    for path in sorted((REPO / "configs").glob("*.yaml")):
-        load_config(path)
-    assert config_from_dict(yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())) == \
-        demo_config(["output_dir=runs/demo"], timestamped=False)
-    assert DEMO_SETTINGS["policy"] != DEMO_SETTINGS["verifiers"][0]
+    names = packaged_configs()
+    assert {"demo", "gsm8k-cpu", "gpu-qwen2.5-1.5b", "paper/quality1", "study/row2-smollm2-cme"} <= set(names)
+    for name in packaged_configs():
+        if not name.startswith("study/"):  # study rows are not train configs (their train: block is, tests/test_study.py)
+            load_config(name)
+    # the repository's configs/ is the package's folder, so both spellings are one file
+    assert (REPO / "configs").resolve() == CONFIG_ROOT
+    assert find_config("demo") == CONFIG_ROOT / "demo.yaml" == (REPO / find_config("configs/demo.yaml")).resolve()
+    # `cmerl demo` runs the packaged demo.yaml: the one copy of its settings
+    assert load_config("demo") == demo_config(["output_dir=runs/demo"], timestamped=False)
+    assert load_config("demo").policy != load_config("demo").verifiers[0]
+    # a file in the working directory wins over a packaged name; a name that is neither is a clear error
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").write_text("policy: smollm2-135m-instruct\nverifiers: [qwen2.5-coder-0.5b-instruct]\n"
+                                   "max_steps: 3\n")
+    assert load_config("demo").max_steps == 3
+    with pytest.raises(FileNotFoundError, match="not a packaged config; `cmerl configs` lists those"):
+        load_config("no-such-config")
+
+
+def test_configs_command_lists_and_prints_packaged_configs():
+    from typer.testing import CliRunner
+
+    from cmerl.cli import app
+    from cmerl.configs import CONFIG_ROOT
+
+    runner = CliRunner()
+    listed = runner.invoke(app, ["configs"])
+    assert listed.exit_code == 0 and {"demo", "paper/quality1", "study/row2-smollm2-cme"} <= set(listed.stdout.split())
+    shown = runner.invoke(app, ["configs", "paper/quality1"])
+    assert shown.exit_code == 0 and shown.stdout == (CONFIG_ROOT / "paper" / "quality1.yaml").read_text()
+    missing = runner.invoke(app, ["configs", "paper/nope"])
+    assert missing.exit_code == 2 and "paper/nope" in missing.output and "Traceback" not in missing.output
 
 
 def test_docs_cover_every_config_key():
@@ -402,7 +431,7 @@ def test_sigkilled_run_resumes_and_never_loads_a_partial_checkpoint(tmp_path, mo
     assert latest_checkpoint(run) == last
     messages: list[str] = []
     resumed = read_run_config(run, [f"max_steps={last_step + 2}"])
-    result = training.train(resumed, resume=True, echo=messages.append)
+    result = training.train(resumed, resume=True, print_status=messages.append)
     assert result.global_step == last_step + 2
     assert not partial.exists()
     assert any(f"resuming from {last}" in m for m in messages)

@@ -16,12 +16,12 @@ the instruction: what a fully position-biased judge scores under a single-order 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from cmerl.agreement_registry import update_registry
 from cmerl.io import read_records
 from cmerl.judging import DecisionRule, Judge, JudgePrompt, Pair, judge_key, run_judge, verdicts_header
 from cmerl.metrics import Rate, format_pct, rate
@@ -210,17 +210,10 @@ def pairs_summary(result: PairsCheckResult) -> dict:
 
 def remember_pairs_agreement(result: PairsCheckResult) -> None:
     """Store the result in ``$CMERL_CACHE/judge_checks.json`` under the judge key, ``pairs.<file>``."""
-    from cmerl.evaluation import _registry_path
-    from cmerl.io import write_json_atomic
+    def add(entry: dict) -> None:
+        entry.setdefault("pairs", {})[result.pairs_file] = pairs_summary(result)
 
-    path = _registry_path()
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        data = {}
-    entry = data.setdefault(result.key, {})
-    entry.setdefault("pairs", {})[result.pairs_file] = pairs_summary(result)
-    write_json_atomic(path, data)
+    update_registry(result.key, add)
 
 
 def pairs_text(agreement: dict | None) -> str:

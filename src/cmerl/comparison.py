@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from cmerl.generation import GenerationConfig, PromptItem
+from cmerl.evaluation import ensure_outputs
+from cmerl.generation import GenerationConfig, PromptItem, load_prompt_items
 from cmerl.io import read_records, write_json_atomic, write_records
-from cmerl.judging import DecisionRule
+from cmerl.judge_panel import run_panel
+from cmerl.judging import DecisionRule, load_pairs
 from cmerl.metrics import format_pct
+from cmerl.report import write_report
+from cmerl.winrates import MatrixResult
 
 BUNDLED_OUTPUTS = {"gpt4_1106_preview": "alpaca_eval_gpt4_1106_preview.json"}
 MATRIX_JSON = "matrix.json"
@@ -101,42 +105,11 @@ def requested_pairs(labels: Sequence[str], against: str | None = None) -> list[t
     return [(i, j) for i in range(len(labels)) for j in range(i + 1, len(labels))]
 
 
-@dataclass
-class MatrixResult:
-    """``win_rate[i][j]``: mean over judges of system i's win rate over system j (``None`` when not
-    judged or no judge ran; diagonal ``None``); ``pairs``: per judged pair its folder and panel summary."""
-
-    labels: list[str]
-    win_rate: list[list[float | None]]
-    length_controlled: list[list[float | None]]
-    pairs: list[dict] = field(default_factory=list)
-    judges: list[str] = field(default_factory=list)
-    prompts: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def table(self) -> str:
-        """The markdown matrix: win rate of the row system over the column system, ties counting half."""
-        head = "| row beats column | " + " | ".join(self.labels) + " |"
-        lines = [head, "|---|" + "---|" * len(self.labels)]
-        for i, a in enumerate(self.labels):
-            cells = ["—" if i == j else format_pct(self.win_rate[i][j]) for j in range(len(self.labels))]
-            lines.append(f"| **{a}** | " + " | ".join(cells) + " |")
-        return "\n".join(lines)
-
-
 def run_matrix(systems: Sequence[System], judges: Sequence[tuple[str, Callable[[], object]]], *, prompts: str,
                output_dir: str | Path, generation: GenerationConfig, rule: DecisionRule = DecisionRule(),
                against: str | None = None, seed: int = 0, progress: bool = True,
                log: Callable[[str], None] = print) -> MatrixResult:
     """Run the comparison (each step resumable; see module docstring) and return the matrix."""
-    from cmerl.evaluation import ensure_outputs
-    from cmerl.generation import load_prompt_items
-    from cmerl.judge_panel import run_panel
-    from cmerl.judging import load_pairs
-    from cmerl.report import write_report
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = [s.label for s in systems]

@@ -3,7 +3,7 @@ greedy completions of held-out prompts before and after training, each scored by
 head-to-head: a packaged pairwise judge compares the after completions (system a) with the before ones
 (system b), both orders, once the policy and verifier are freed.
 
-The demo settings live in :data:`DEMO_SETTINGS` (``configs/demo.yaml`` is the same config as a file).
+The demo settings live in the packaged ``configs/demo.yaml`` (``cmerl configs demo`` prints it).
 """
 
 from __future__ import annotations
@@ -14,10 +14,21 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import yaml
+
+from cmerl.configs import find_config
 from cmerl.judging import DecisionRule
 from cmerl.metrics import WinRate, format_pct
 from cmerl.models import check_available
-from cmerl.training import Echo, TrainConfig, apply_overrides, config_from_dict, finish, start, validate
+from cmerl.training import (
+    StatusPrinter,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    finish,
+    start,
+    validate,
+)
 
 #: The head-to-head judge: the best packaged judge (docs/evaluation.md, /work/shared/MODELS.md); dtype auto
 #: (bf16 where the CPU runs it natively, else fp32: emulated bf16 is 4-7x slower).
@@ -26,42 +37,20 @@ DEMO_JUDGE_DTYPE = "auto"
 SAMPLES_NAME = "demo_samples.json"
 VERDICTS_NAME = "demo_verdicts.jsonl"
 
-#: The demo run. Sized from benchmarks/bench_grpo_step.py to finish in under 15 minutes on 2 CPU cores.
-DEMO_SETTINGS: dict = {
-    "policy": "smollm2-135m-instruct",
-    "verifiers": ["qwen2.5-coder-0.5b-instruct"],
-    "verifier_dtype": "auto",
-    "rewards": ["cme"],
-    "prompts": "ultrafeedback",
-    "max_prompt_length": 96,
-    "max_prompts": 200,
-    "heldout_prompts": 3,
-    "system_prompt": "Answer briefly, in two or three sentences.",
-    "num_generations": 4,
-    "per_device_train_batch_size": 8,
-    "max_completion_length": 64,
-    "temperature": 1.0,
-    "learning_rate": 1.0e-4,
-    "max_steps": 16,
-    "save_steps": 8,
-    "mask_truncated_completions": False,
-    "repetition_guard": True,
-    "lora": True,
-    "lora_r": 16,
-    "lora_alpha": 32,
-    "seed": 42,
-    "output_dir": "runs/demo",
-}
+#: The demo run's packaged config (``configs/demo.yaml``; :mod:`cmerl.configs`). Sized from
+#: benchmarks/bench_grpo_step.py to finish in under 15 minutes on 2 CPU cores.
+DEMO_CONFIG = "demo"
 
 
 def demo_config(overrides: Sequence[str] = (), *, timestamped: bool = True) -> TrainConfig:
     """The demo config with ``--set`` overrides; without an ``output_dir`` override the run directory is
     ``runs/demo-<YYYYmmdd-HHMMSS>`` (``timestamped``) so repeated demos never collide."""
-    cfg = config_from_dict(dict(DEMO_SETTINGS), source="demo config")
+    path = find_config(DEMO_CONFIG)
+    cfg = config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), source=str(path))
     if timestamped and not any(o.startswith("output_dir=") for o in overrides):
         cfg = TrainConfig(**{**asdict(cfg), "output_dir": f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"})
     cfg = apply_overrides(cfg, overrides)
-    validate(cfg, source="demo config")
+    validate(cfg, source=str(path))
     return cfg
 
 
@@ -176,34 +165,34 @@ def head_to_head(judge, instructions: Sequence[str], trained: Sequence[str], unt
 
 
 def run_demo(cfg: TrainConfig, *, judge: str | None = DEMO_JUDGE, judge_dtype: str = DEMO_JUDGE_DTYPE,
-             echo: Echo | None = None) -> DemoResult:
+             print_status: StatusPrinter | None = None) -> DemoResult:
     """Train per ``cfg`` (a new run) with before/after samples of its held-out prompts, then (unless
     ``judge`` is None) load ``judge`` and judge after vs before into ``RUN_DIR/demo_verdicts.jsonl``.
 
     ``RUN_DIR/demo_samples.json`` is written right after training, so a failing judge loses nothing; it is
     rewritten with the head-to-head summary when judging is done.
     """
-    say = echo or (lambda s: None)
+    emit_status = print_status or (lambda s: None)
     t0 = time.perf_counter()
     if judge:
         check_available(judge)  # fail before training, not after it
-    say(f"[bold]cmerl demo[/bold]: GRPO on CME rewards; outputs go to {cfg.output_dir}")
-    out, instructions, before, after = _train_and_sample(cfg, say, echo)  # the session is freed on return
+    emit_status(f"[bold]cmerl demo[/bold]: GRPO on CME rewards; outputs go to {cfg.output_dir}")
+    out, instructions, before, after = _train_and_sample(cfg, emit_status, print_status)  # the session is freed on return
     out.seconds = time.perf_counter() - t0
     _write_samples(out)
     if judge:
         from cmerl.judging import LocalJudge
 
         gc.collect()
-        say(f"head-to-head: loading judge {judge} after freeing the policy and verifier ...")
+        emit_status(f"head-to-head: loading judge {judge} after freeing the policy and verifier ...")
         lj = LocalJudge.from_pretrained(judge, dtype=judge_dtype)  # logs "judge <name>: <dtype> (<why>)"
         try:
-            say(f"judging {len(instructions)} held-out pairs (after vs before), both orders ...")
+            emit_status(f"judging {len(instructions)} held-out pairs (after vs before), both orders ...")
             out.head_to_head = head_to_head(
                 lj, instructions, after, before, out.run_dir / VERDICTS_NAME,
                 trained_label=f"{cfg.policy} after {out.steps} CME-GRPO steps",
                 untrained_label=f"{cfg.policy} before training", source=str(out.samples_path),
-                progress=echo is not None, seed=cfg.seed)
+                progress=print_status is not None, seed=cfg.seed)
         finally:
             del lj
             gc.collect()
@@ -212,23 +201,23 @@ def run_demo(cfg: TrainConfig, *, judge: str | None = DEMO_JUDGE, judge_dtype: s
     return out
 
 
-def _train_and_sample(cfg: TrainConfig, say: Echo, echo: Echo | None):
+def _train_and_sample(cfg: TrainConfig, emit_status: StatusPrinter, print_status: StatusPrinter | None):
     """Train with greedy before/after samples; returns ``(result, instructions, before, after)`` and keeps
     no reference to the training session, so its models can be freed."""
-    session = start(cfg, progress=echo is not None, echo=echo)
+    session = start(cfg, progress=print_status is not None, print_status=print_status)
     heldout = session.prompt_set.heldout
     verifier = session.verifier()
     if not heldout or verifier is None:
         raise ValueError("the demo needs heldout_prompts >= 1 and a cme reward")
     raw = [p if isinstance(p, str) else p[-1]["content"] for p in heldout]
     model = session.trainer.accelerator.unwrap_model(session.trainer.model)
-    say(f"greedy completions of {len(heldout)} held-out prompts before training ...")
+    emit_status(f"greedy completions of {len(heldout)} held-out prompts before training ...")
     before = generate_greedy(model, session.tokenizer, heldout, max_new_tokens=cfg.max_completion_length,
                              system_prompt=cfg.system_prompt)
     cme_before = [s.mean_logprob for s in verifier.score(heldout, before)]
-    result = finish(session, echo=echo)
+    result = finish(session, print_status=print_status)
     model = session.trainer.accelerator.unwrap_model(session.trainer.model)  # merged when LoRA
-    say("greedy completions after training ...")
+    emit_status("greedy completions after training ...")
     after = generate_greedy(model, session.tokenizer, heldout, max_new_tokens=cfg.max_completion_length,
                             system_prompt=cfg.system_prompt)
     cme_after = [s.mean_logprob for s in verifier.score(heldout, after)]

@@ -49,10 +49,10 @@ class RenderConfig:
 
 @dataclass(frozen=True)
 class RenderedPair:
-    """Token ids of one rendered pair; the response occupies ``input_ids[response_start:response_end]``.
+    """Token ids of one rendered pair; the response occupies ``input_ids[response_start:]``.
 
-    ``response_end == len(input_ids)``. ``n_response_tokens`` counts the scored tokens (the end-of-turn
-    token included when ``include_eos``). An empty response has ``response_start == response_end``.
+    ``n_response_tokens`` counts the scored tokens (the end-of-turn token included when ``include_eos``).
+    An empty response has ``response_start == len(input_ids)``.
     ``response_offsets``: one ``(start, end)`` character span *within the response string* per response
     token (:func:`response_token_offsets`; slow tokenizers: :func:`token_char_spans`). None only when
     built by hand without them.
@@ -60,16 +60,11 @@ class RenderedPair:
 
     input_ids: list[int]
     response_start: int
-    response_end: int = field(default=-1)
     response_offsets: list[tuple[int, int]] | None = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.response_end == -1:
-            object.__setattr__(self, "response_end", len(self.input_ids))
 
     @property
     def n_response_tokens(self) -> int:
-        return self.response_end - self.response_start
+        return len(self.input_ids) - self.response_start
 
 
 def uses_chat_template(tokenizer, config: RenderConfig) -> bool:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Iterable, Iterator
+import secrets
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 @dataclass
@@ -164,30 +164,64 @@ def append_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def write_json_atomic(path: str | Path, data: Any, *, indent: int | None = 2) -> None:
-    """Write JSON to a temp file in the same folder and rename it into place."""
+def write_atomic(path: str | Path, write: Callable[[IO[Any]], object], *, text: bool = True) -> None:
+    """Replace ``path`` by what ``write(f)`` writes, atomically: readers see the old file or the new one,
+    never a part.
+
+    ``write`` gets a new temp file in the same folder as ``path`` (so the rename cannot cross file
+    systems), opened for text (UTF-8) when ``text``, else for bytes. The temp file is flushed and fsynced,
+    then renamed over ``path`` (``os.replace``). When ``write`` (or the rename) raises, the temp file is
+    removed and ``path`` is left as it was. Missing parent folders are created. The new file has the
+    permissions a plain ``open`` would give it (0o666 less the umask), not ``mkstemp``'s 0o600."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    fd, tmp = _new_temp_file(p)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=indent)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, p)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _new_temp_file(p: Path) -> tuple[int, Path]:
+    """``(fd, path)`` of a new empty file ``.<name>.<random>.tmp`` beside ``p`` (O_EXCL: never an existing one)."""
+    for _ in range(100):
+        tmp = p.with_name(f".{p.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temp file beside {p}")
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` by ``data``, atomically (:func:`write_atomic`)."""
+    write_atomic(path, lambda f: f.write(data), text=False)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace ``path`` by ``text`` (UTF-8), atomically (:func:`write_atomic`)."""
+    write_atomic(path, lambda f: f.write(text))
+
+
+def write_json_atomic(path: str | Path, data: Any, *, indent: int | None = 2) -> None:
+    """Write ``data`` as JSON (UTF-8, non-ASCII kept, a final newline), atomically (:func:`write_atomic`)."""
+
+    def dump(f: IO[str]) -> None:
+        json.dump(data, f, ensure_ascii=False, indent=indent)
+        f.write("\n")
+
+    write_atomic(path, dump)
 
 
 def write_records(path: str | Path, rows: list[dict]) -> None:
     """Write rows as JSONL (``.jsonl``) or a JSON list (anything else), atomically."""
     p = Path(path)
     if p.suffix == ".jsonl":
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, p)
+        write_atomic(p, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     else:
         write_json_atomic(p, rows)

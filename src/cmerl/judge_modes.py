@@ -223,7 +223,7 @@ class PointwiseJudge(LocalJudge):
         """``(expected score, digit mass)`` per (instruction, response), each distinct answer scored once."""
         import torch
 
-        from cmerl.scoring.local import plan_batches
+        from cmerl.scoring.requests import plan_batches
 
         keys = [(i, truncate_response(r, self.max_response_chars)) for i, r in items]
         todo = list(dict.fromkeys(k for k in keys if k not in self._scores))

@@ -5,7 +5,7 @@ were all ties because the client was missing). Here a judge that cannot run, or 
 endpoint error, is reported as **failed** with its error and left out of the mean; within a judge an
 unusable order is an error pair, excluded from that judge's win rate and counted (never a tie).
 Each judge's line carries its own measured agreement with GPT-4 Turbo (easy pairs and system-vs-system
-pairs, :func:`cmerl.evaluation.agreement_text`).
+pairs, :func:`cmerl.winrates.agreement_text`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pathlib import Path
 
 from cmerl.judging import DecisionRule, JudgeConnectionError, Pair, run_judge, verdicts_header
 from cmerl.metrics import format_pct
+from cmerl.models import ModelNotAvailableError
+from cmerl.winrates import agreement_text, summarize_verdicts
 
 PANEL_SUFFIX = ".panel.json"
 
@@ -41,7 +43,7 @@ def panel_paths(output: str | Path, names: Sequence[str]) -> list[Path]:
 
 @dataclass
 class PanelMember:
-    """One judge of a panel: its verdicts file, its summary (``cmerl.evaluation.WinRateSummary.to_dict``)
+    """One judge of a panel: its verdicts file, its summary (``cmerl.winrates.WinRateSummary.to_dict``)
     when it ran, and the error that stopped it otherwise."""
 
     name: str
@@ -74,8 +76,6 @@ class PanelSummary:
         return [m for m in self.members if not m.ok]
 
     def text(self) -> str:
-        from cmerl.evaluation import agreement_text
-
         name_a = self.a.get("generator") or self.a.get("path") or "A"
         name_b = self.b.get("generator") or self.b.get("path") or "B"
         lines = [f"A = {name_a}   vs   B = {name_b}   ({len(self.members)} judges)"]
@@ -105,9 +105,6 @@ def run_panel(judges: Sequence[tuple[str, Callable[[], object]]], pairs: Sequenc
     the files of :func:`panel_paths`, resumably, and summarise. A judge whose build or run raises
     :class:`JudgeConnectionError`, ``ValueError`` or ``ModelNotAvailableError`` is recorded as failed and the
     others still run; the rows it judged before failing stay in its file."""
-    from cmerl.evaluation import summarize_verdicts
-    from cmerl.models import ModelNotAvailableError
-
     paths = panel_paths(output, [n for n, _ in judges])
     members = []
     for (name, build), path in zip(judges, paths):

@@ -32,7 +32,8 @@ from cmerl.grading import Grade, answers_match, grade
 from cmerl.io import write_json_atomic, write_records
 from cmerl.problems import Problem, load_problems
 
-Echo = Callable[[str], None]
+#: Prints one status line for the user (e.g. ``rich.console.Console.print``); ``None`` where taken: quiet.
+StatusPrinter = Callable[[str], None]
 JOB_NAME = "job.json"
 GENERATIONS_NAME = "generations.json"
 RECORDS_NAME = "records.jsonl"
@@ -185,7 +186,7 @@ def summarize(records: Sequence[dict], samples: int, *, n_boot: int = 10_000, se
 
 
 def evaluate_math(model: str, problem_set: str, output_dir: str | Path, settings: MathEvalSettings = MathEvalSettings(),
-                  *, progress: bool = False, echo: Echo | None = None, n_boot: int = 10_000) -> MathEvalResult:
+                  *, progress: bool = False, print_status: StatusPrinter | None = None, n_boot: int = 10_000) -> MathEvalResult:
     """Generate (or resume), grade and summarise; see the module docstring. ``model``: a model name or a
     training output folder (:func:`cmerl.generation.load_generator`)."""
     from cmerl.evaluation import ensure_outputs, generator_label
@@ -197,8 +198,8 @@ def evaluate_math(model: str, problem_set: str, output_dir: str | Path, settings
     job = claim_output_dir(out, {"kind": "cmerl.eval_math", "model": _model_id(model),
                                  "problems": parse_prompt_spec(problem_set)[0], "settings": recorded})
     items = prompt_items(problems, settings.samples)
-    if echo:
-        echo(f"{len(problems)} problems from {problem_set} x {settings.samples} solution(s); "
+    if print_status:
+        print_status(f"{len(problems)} problems from {problem_set} x {settings.samples} solution(s); "
              f"{'greedy' if settings.temperature == 0 else f'temperature {settings.temperature}'}")
     rows = ensure_outputs(model, items, out / GENERATIONS_NAME, settings.generation_config(),
                           generator=generator_label(model), progress=progress)

@@ -36,11 +36,10 @@ from typing import Any
 from cmerl.answers import ANSWER_FORMATS, AnswerSpan, find_answer, token_indices_in_span
 from cmerl.formatting import completion_text
 from cmerl.rewards import VerifierReward, check_independent
-from cmerl.scoring.types import ResponseScore
+from cmerl.scoring.types import DEFAULT_LOGPROB_FLOOR, ResponseScore
 
-#: The scoring engine's default per-token log-prob floor (cmerl.scoring.local.DEFAULT_LOGPROB_FLOOR),
-#: repeated here so this module needs no torch.
-LOGPROB_FLOOR = -20.0
+#: The scoring engine's default per-token log-prob floor.
+LOGPROB_FLOOR = DEFAULT_LOGPROB_FLOOR
 ANSWER_SIGNALS = ("mean_logprob", "neg_entropy")
 
 

@@ -38,6 +38,7 @@ from typing import Literal
 
 import torch
 
+from cmerl.io import write_text_atomic
 from cmerl.precision import AUTO, parse_dtype, resolve_dtype  # noqa: F401  (parse_dtype re-exported)
 
 logger = logging.getLogger("cmerl")
@@ -302,16 +303,8 @@ def gguf_sha256(paths: list[Path]) -> str:
         if len(value) == 64:
             return value
     value = _sha256_of(paths)
-    _atomic_write_text(index, value)
+    write_text_atomic(index, value)
     return value
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _remove_stale_temp_dirs(root: Path, max_age_s: float = 6 * 3600) -> None:

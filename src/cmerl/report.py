@@ -22,8 +22,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from cmerl.io import iter_jsonl, read_records
+from cmerl.checks import RewardCheckResult
+from cmerl.io import iter_jsonl, read_records, write_text_atomic
+from cmerl.judging import read_verdicts
+from cmerl.metrics import drift_stats, format_pct, rate
+from cmerl.plots import CurvePanel, plot_curves, pyplot, save_figure
+from cmerl.training.checkpoints import find_metrics
+from cmerl.winrates import MatrixResult, agreement_text, length_controlled_text, summarize_verdicts
 
 REWARD_KEYS = ("reward",)
 LENGTH_KEYS = ("completions/mean_length", "completions/min_length", "completions/max_length",
@@ -50,15 +57,6 @@ class Report:
         return Path(p).resolve().relative_to(self.path.parent.resolve()).as_posix()
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def read_training_metrics(path: str | Path) -> list[dict]:
     """Rows of a ``metrics.jsonl``: numeric values only, each with a ``step`` (``step``/``global_step``,
     else the row number). Torn or invalid lines are skipped."""
@@ -81,33 +79,17 @@ def training_curves(rows: list[dict], figure: Path) -> tuple[Path | None, list[s
     reward_keys = [k for k in keys if k in REWARD_KEYS or (k.startswith("rewards/") and k.endswith("/mean"))]
     length_keys = [k for k in LENGTH_KEYS if k in keys]
     degen_keys = [k for k in DEGENERATION_KEYS if k in keys]
-    panels = [(title, ks) for title, ks in (("reward", reward_keys), ("completion length (tokens)", length_keys),
-                                            ("degeneration (fractions)", degen_keys)) if ks]
-    if not panels:
+    panels = [CurvePanel(tuple(ks), title=title) for title, ks in (
+        ("reward", reward_keys), ("completion length (tokens)", length_keys),
+        ("degeneration (fractions)", degen_keys)) if ks]
+    if not plot_curves(rows, panels, figure, markersize=3):
         return None, []
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
-    for ax, (title, ks) in zip(axes[0], panels):
-        for key in ks:
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None,
-                    markersize=3, label=key)
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure, dpi=110)
-    plt.close(fig)
-    return figure, [k for _, ks in panels for k in ks]
+    return figure, [k for p in panels for k in p.keys]
 
 
 def winrate_figure(summary, rows: list[dict], figure: Path, seed: int = 0) -> Path:
     """Bars of the win, tie and loss fractions of A (errors excluded), each with its bootstrap interval,
     and the tie-adjusted win rate with its interval."""
-    from cmerl.metrics import rate
-
     judged = [r["verdict"] for r in rows if r["verdict"] != "error"]
     labels = ["win (A)", "tie", "loss (A)", "win rate\n(ties half)"]
     vals, los, his = [], [], []
@@ -120,8 +102,7 @@ def winrate_figure(summary, rows: list[dict], figure: Path, seed: int = 0) -> Pa
     vals.append(w.win_rate or 0.0)
     los.append(w.ci_low or 0.0)
     his.append(w.ci_high or 0.0)
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = pyplot().subplots(figsize=(6, 3.8))
     err = [[v - lo for v, lo in zip(vals, los)], [hi - v for v, hi in zip(vals, his)]]
     ax.bar(labels, vals, color=["#4c72b0", "#999999", "#c44e52", "#55a868"], yerr=err, capsize=5)
     ax.axhline(0.5, color="black", lw=0.8, ls="--")
@@ -130,30 +111,30 @@ def winrate_figure(summary, rows: list[dict], figure: Path, seed: int = 0) -> Pa
     a = summary.a.get("generator") or "A"
     b = summary.b.get("generator") or "B"
     ax.set_title(f"{a} vs {b} (n={w.n}, judge {summary.judge})", fontsize=9)
-    fig.tight_layout()
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure, dpi=110)
-    plt.close(fig)
-    return figure
+    return save_figure(fig, figure)
 
 
-def length_figure(len_a: list[float], len_b: list[float], figure: Path, label_a: str = "A",
-                  label_b: str = "B") -> Path:
-    """Overlaid histograms of response lengths (characters) of A and B."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    hi = max([1.0, *len_a, *len_b])
+def length_histogram(series: Sequence[tuple[str, Sequence[float]]], figure: Path, *,
+                     center: Literal["mean", "median"] = "mean", noun: str = "response", alpha: float = 0.5) -> Path:
+    """Overlaid histograms of lengths in characters, one per ``(label, lengths)`` series, on 20 equal bins
+    from 0 to the longest length (at least 1).
+
+    center: what each legend entry states, rounded: the series' ``mean`` or its ``median`` (the upper
+    one for an even count); 0 for an empty series. noun: what was measured, for the axis labels
+    ("response" gives "response length (characters)" and "responses"). alpha: bar opacity."""
+    fig, ax = pyplot().subplots(figsize=(6, 3.8))
+    hi = max([1.0, *[x for _, lens in series for x in lens]])
     bins = [hi * k / 20 for k in range(21)]
-    ax.hist(len_a, bins=bins, alpha=0.55, label=f"{label_a} (mean {sum(len_a) / max(1, len(len_a)):.0f})")
-    ax.hist(len_b, bins=bins, alpha=0.55, label=f"{label_b} (mean {sum(len_b) / max(1, len(len_b)):.0f})")
-    ax.set_xlabel("response length (characters)")
-    ax.set_ylabel("responses")
+    for label, lens in series:
+        if center == "mean":
+            value = sum(lens) / max(1, len(lens))
+        else:
+            value = sorted(lens)[len(lens) // 2] if lens else 0
+        ax.hist(lens, bins=bins, alpha=alpha, label=f"{label} ({center} {value:.0f})")
+    ax.set_xlabel(f"{noun} length (characters)")
+    ax.set_ylabel(f"{noun}s")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure, dpi=110)
-    plt.close(fig)
-    return figure
+    return save_figure(fig, figure)
 
 
 def _is_outputs_file(path: Path) -> list[dict] | None:
@@ -173,8 +154,6 @@ def write_report(directory: str | Path, *, output: str | Path | None = None, met
 
     ``output``: a ``.md`` path, or a folder that gets ``report.md``; figures go to ``figures/`` beside the
     report. Default: ``directory/report.md``. ``outputs``: more outputs files (anywhere) for the drift table."""
-    from cmerl.evaluation import find_metrics
-
     d = Path(directory).expanduser()
     if not d.is_dir():
         raise FileNotFoundError(f"report folder not found: {d}")
@@ -195,19 +174,12 @@ def write_report(directory: str | Path, *, output: str | Path | None = None, met
         missing.append("no `metrics.jsonl` (a training run writes one)")
     if missing:
         lines += ["## Not found", ""] + [f"- {m}" for m in missing] + [""]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(out)
+    write_text_atomic(out, "\n".join(lines))
     return rep
 
 
 def _verdicts_section(d: Path, rep: Report, seed: int) -> list[str] | None:
     """Win rate table and figures of each ``*verdicts*.jsonl`` in ``d``; None when there is none."""
-    from cmerl.evaluation import agreement_text, length_controlled_text, summarize_verdicts
-    from cmerl.judging import read_verdicts
-    from cmerl.metrics import format_pct
-
     verdict_files = sorted(d.glob("*verdicts*.jsonl"))
     if not verdict_files:
         return None
@@ -239,8 +211,8 @@ def _verdicts_section(d: Path, rep: Report, seed: int) -> list[str] | None:
         if w.n:
             f1 = winrate_figure(summary, rows, rep.figure_dir / f"{stem}_winrate.png", seed=seed)
             judged = [r for r in rows if r["verdict"] != "error" and r.get("len_a") is not None]
-            f2 = length_figure([r["len_a"] for r in judged], [r["len_b"] for r in judged],
-                               rep.figure_dir / f"{stem}_lengths.png", a, b)
+            f2 = length_histogram([(a, [r["len_a"] for r in judged]), (b, [r["len_b"] for r in judged])],
+                                  rep.figure_dir / f"{stem}_lengths.png", center="mean", alpha=0.55)
             rep.figures += [f1, f2]
             lines += [f"![win / tie / loss]({rep.link(f1)})", "", f"![response lengths]({rep.link(f2)})", "",
                       "LLM judges favour longer responses; compare the lengths before reading the win rate.", ""]
@@ -251,8 +223,6 @@ def _outputs_section(d: Path, rep: Report, extra: Sequence[str | Path] = ()) -> 
     """Drift statistics (:func:`cmerl.metrics.drift_stats`) of each AlpacaEval-format outputs file in ``d``
     and of the ``extra`` files, with a figure of the diversity and degeneration fractions and one of the
     length distributions."""
-    from cmerl.metrics import drift_stats, format_pct
-
     found = [(p, rows) for p in sorted(d.glob("*.json")) if (rows := _is_outputs_file(p))]
     for e in extra:
         rows = _is_outputs_file(Path(e))
@@ -283,7 +253,8 @@ def _outputs_section(d: Path, rep: Report, extra: Sequence[str | Path] = ()) -> 
                    "outputs look alike; repeated 4-grams: share of a text's word 4-grams seen earlier in it, mean "
                    "over texts.")]
     f1 = drift_figure(stats, rep.figure_dir / "outputs_drift.png")
-    f2 = length_distributions([(label, lens) for label, _, lens in stats], rep.figure_dir / "outputs_lengths.png")
+    f2 = length_histogram([(label, lens) for label, _, lens in stats], rep.figure_dir / "outputs_lengths.png",
+                          center="median", noun="output")
     rep.figures += [f1, f2]
     lines += ["", f"![drift statistics]({rep.link(f1)})", "", f"![output lengths]({rep.link(f2)})"]
     gen = found[0][1][0].get("generation")
@@ -295,10 +266,9 @@ def _outputs_section(d: Path, rep: Report, extra: Sequence[str | Path] = ()) -> 
 def drift_figure(stats: list[tuple[str, dict, list[int]]], figure: Path) -> Path:
     """Grouped bars per outputs file: distinct-1, distinct-2, self-BLEU / 100, repeated 4-gram share, empty
     and truncated fractions (all in [0, 1])."""
-    plt = _plt()
     keys = [("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("self_bleu", "self-BLEU/100"),
             ("repeated_4gram_share", "rep. 4-grams"), ("empty_frac", "empty"), ("truncated_frac", "truncated")]
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(keys)), 3.8))
+    fig, ax = pyplot().subplots(figsize=(max(6, 1.4 * len(keys)), 3.8))
     width = 0.8 / max(1, len(stats))
     for k, (label, st, _) in enumerate(stats):
         vals = [((st[key] or 0.0) / (100 if key == "self_bleu" else 1)) for key, _ in keys]
@@ -307,29 +277,7 @@ def drift_figure(stats: list[tuple[str, dict, list[int]]], figure: Path) -> Path
     ax.set_ylim(0, 1)
     ax.set_ylabel("fraction")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure, dpi=110)
-    plt.close(fig)
-    return figure
-
-
-def length_distributions(series: list[tuple[str, list[int]]], figure: Path) -> Path:
-    """Overlaid histograms of output lengths (characters), one per outputs file."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    hi = max([1, *[x for _, lens in series for x in lens]])
-    bins = [hi * k / 20 for k in range(21)]
-    for label, lens in series:
-        ax.hist(lens, bins=bins, alpha=0.5, label=f"{label} (median {sorted(lens)[len(lens) // 2] if lens else 0})")
-    ax.set_xlabel("output length (characters)")
-    ax.set_ylabel("outputs")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure, dpi=110)
-    plt.close(fig)
-    return figure
+    return save_figure(fig, figure)
 
 
 def _matrix_section(d: Path, rep: Report) -> list[str]:
@@ -337,8 +285,6 @@ def _matrix_section(d: Path, rep: Report) -> list[str]:
     path = d / "matrix.json"
     if not path.is_file():
         return []
-    from cmerl.comparison import MatrixResult
-
     try:
         data = json.loads(path.read_text())
         result = MatrixResult(**data)
@@ -359,9 +305,6 @@ def _matrix_section(d: Path, rep: Report) -> list[str]:
 def _checks_section(d: Path, rep: Report) -> list[str]:
     """Tables of the ``judge_check*.json`` and ``reward_check*.json`` results under ``d``; other JSON
     files with those names are skipped."""
-    from cmerl.evaluation import RewardCheckResult
-    from cmerl.metrics import format_pct
-
     lines = []
     for p in sorted(d.glob("**/judge_check*.json")):
         try:

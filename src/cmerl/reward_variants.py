@@ -16,7 +16,7 @@ short text.
 
 Both are pure functions over :class:`~cmerl.scoring.types.ResponseScore` lists, so any scorer (local,
 remote) works; :mod:`cmerl.training.reward_setup` registers them as rewards and
-:func:`cmerl.evaluation.reward_check` measures them.
+:func:`cmerl.checks.reward_check` measures them.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class PMICrossModelEntropy(CrossModelEntropy):
         per_scorer = [s.score(list(prompts) + nulls, list(completions) * 2) for s in self.scorers]
         values = [pmi_values(sc[:n], sc[n:], lam=self.lam) for sc in per_scorer]
         rewards = [sum(v[i] for v in values) / len(values) for i in range(n)]
-        self.combine([sc[:n] for sc in per_scorer], t0, log_metric)  # the usual token/truncation figures
+        self.rewards_from_scores([sc[:n] for sc in per_scorer], t0, log_metric)  # the usual token/truncation figures
         if log_metric is not None and n:
             log_metric(f"{self.__name__}/conditional_mean", sum(s.mean_logprob for s in per_scorer[0][:n]) / n)
             log_metric(f"{self.__name__}/null_mean", sum(s.mean_logprob for s in per_scorer[0][n:]) / n)
@@ -150,6 +150,6 @@ class LengthResidualCME(CrossModelEntropy):
                  log_metric: Callable[[str, float], None] | None = None, **kwargs: Any) -> list[float]:
         t0 = time.perf_counter()
         per_scorer = self.score(prompts, completions)
-        raw = self.combine(per_scorer, t0, log_metric)
+        raw = self.rewards_from_scores(per_scorer, t0, log_metric)
         lengths = [s.n_tokens for s in per_scorer[0]]
         return length_residuals(raw, lengths, [prompt_key(p) for p in prompts])

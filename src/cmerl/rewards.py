@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cmerl.models import model_identity
-from cmerl.scoring.types import SIGNALS, ResponseScore
+from cmerl.scoring.types import SIGNALS, ResponseScore, Scorer
 
 
 class SelfVerificationError(ValueError):
@@ -35,13 +35,14 @@ class SelfVerificationError(ValueError):
 class VerifierReward:
     """Base class: score completions with ``scorers`` and turn each score into one float per completion.
 
-    A scorer is anything with ``score(prompts, responses, entropy=..., self_certainty=...) ->
-    list[ResponseScore]`` and a ``name``: a local :class:`~cmerl.scoring.Verifier` or a remote one.
+    A scorer plays the :class:`~cmerl.scoring.types.Scorer` role: a local :class:`~cmerl.scoring.Verifier`
+    or a remote one.
     """
 
     default_name = "reward"
 
-    def __init__(self, scorers: Any, *, signal: str = "mean_logprob", name: str | None = None):
+    def __init__(self, scorers: Scorer | Sequence[Scorer], *, signal: str = "mean_logprob",
+                 name: str | None = None):
         self.scorers = list(scorers) if isinstance(scorers, (list, tuple)) else [scorers]
         if not self.scorers:
             raise ValueError("at least one verifier is needed")
@@ -50,7 +51,6 @@ class VerifierReward:
             raise ValueError(f"unknown signal {signal!r}; use one of {', '.join(valid)}")
         self.signal = signal
         self.__name__ = name or self.default_name
-        self.last_scores: list[list[ResponseScore]] = []
 
     def score(self, prompts: Sequence, completions: Sequence) -> list[list[ResponseScore]]:
         """Scores per scorer: ``out[k][i]`` is scorer k on completion i."""
@@ -68,7 +68,7 @@ class VerifierReward:
                  log_metric: Callable[[str, float], None] | None = None, **kwargs: Any) -> list[float]:
         t0 = time.perf_counter()
         per_scorer = self.score(prompts, completions)
-        rewards = self.combine(per_scorer, t0, log_metric)
+        rewards = self.rewards_from_scores(per_scorer, t0, log_metric)
         if self.dense_tokenizer is not None:
             self.last_token_rewards = self.token_rewards(per_scorer, completions, completion_ids, log_metric)
         return rewards
@@ -90,13 +90,12 @@ class VerifierReward:
             log_metric(f"{self.__name__}/identity_frac", out.identity_tokens / max(out.verifier_tokens, 1))
         return out
 
-    def combine(self, per_scorer: list[list[ResponseScore]], t0: float,
-                log_metric: Callable[[str, float], None] | None = None) -> list[float]:
+    def rewards_from_scores(self, per_scorer: list[list[ResponseScore]], t0: float,
+                            log_metric: Callable[[str, float], None] | None = None) -> list[float]:
         """One reward per completion: the signal averaged over scorers; logs figures through ``log_metric``.
 
         ``per_scorer[k][i]`` is scorer k on completion i; ``t0`` is when scoring started (perf_counter).
         """
-        self.last_scores = per_scorer
         n = len(per_scorer[0])
         rewards = [sum(scores[i].signal(self.signal) for scores in per_scorer) / len(per_scorer) for i in range(n)]
         if log_metric is not None and n:
@@ -123,7 +122,7 @@ class CrossModelEntropy(VerifierReward):
 
     default_name = "cme"
 
-    def __init__(self, verifiers: Any, *, signal: str = "mean_logprob", policy: Any = None,
+    def __init__(self, verifiers: Scorer | Sequence[Scorer], *, signal: str = "mean_logprob", policy: Any = None,
                  allow_self_verification: bool = False, name: str | None = None, dense: bool = False,
                  policy_tokenizer: Any = None):
         if signal == "self_certainty":
@@ -137,7 +136,7 @@ class CrossModelEntropy(VerifierReward):
             self.dense_tokenizer = policy_tokenizer
 
 
-def check_independent(policy: Any, scorers: Sequence[Any]) -> None:
+def check_independent(policy: Any, scorers: Sequence[Scorer]) -> None:
     """Raise :class:`SelfVerificationError` when a scorer is the policy model (same object or same source)."""
     from cmerl.fingerprint import same_model
 
@@ -159,7 +158,7 @@ class SelfCertainty(VerifierReward):
 
     default_name = "self_certainty"
 
-    def __init__(self, scorer: Any, *, name: str | None = None):
+    def __init__(self, scorer: Scorer, *, name: str | None = None):
         super().__init__(scorer, signal="self_certainty", name=name)
 
 
@@ -168,7 +167,7 @@ class NegativeEntropy(VerifierReward):
 
     default_name = "neg_entropy"
 
-    def __init__(self, scorer: Any, *, name: str | None = None):
+    def __init__(self, scorer: Scorer, *, name: str | None = None):
         super().__init__(scorer, signal="neg_entropy", name=name)
 
 
@@ -177,7 +176,7 @@ class SelfLikelihood(VerifierReward):
 
     default_name = "self_likelihood"
 
-    def __init__(self, scorer: Any, *, name: str | None = None):
+    def __init__(self, scorer: Scorer, *, name: str | None = None):
         super().__init__(scorer, signal="mean_logprob", name=name)
 
 
@@ -203,7 +202,7 @@ class ReverseKL(VerifierReward):
 
     default_name = "reverse_kl"
 
-    def __init__(self, verifiers: Any, policy_scorer: Any, *, policy: Any = None,
+    def __init__(self, verifiers: Scorer | Sequence[Scorer], policy_scorer: Scorer, *, policy: Any = None,
                  allow_self_verification: bool = False, name: str | None = None):
         super().__init__(verifiers, signal="mean_logprob", name=name)
         self.policy_scorer = policy_scorer
@@ -213,7 +212,7 @@ class ReverseKL(VerifierReward):
     def __call__(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence | None = None,
                  log_metric: Callable[[str, float], None] | None = None, **kwargs: Any) -> list[float]:
         t0 = time.perf_counter()
-        verifier_terms = self.combine(self.score(prompts, completions), t0, log_metric)
+        verifier_terms = self.rewards_from_scores(self.score(prompts, completions), t0, log_metric)
         policy_scores = self.policy_scorer.score(list(prompts), list(completions))
         rewards = [v - (p.mean_logprob if p.n_tokens else 0.0) for v, p in zip(verifier_terms, policy_scores)]
         if log_metric is not None and rewards:

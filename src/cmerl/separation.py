@@ -40,7 +40,7 @@ from cmerl.math_eval import GENERATIONS_NAME, RECORDS_NAME, _model_id, claim_out
 from cmerl.math_rewards import LOGPROB_FLOOR, response_offsets, token_values
 from cmerl.problems import load_problems
 
-Echo = Callable[[str], None]
+StatusPrinter = Callable[[str], None]
 RESULT_NAME = "separation.json"
 
 #: signal name -> what it is, for tables
@@ -157,7 +157,7 @@ def _complete_records(path: Path, n: int) -> list[dict] | None:
 
 def run_separation(policy: str, verifier: str, problem_set: str, output_dir: str | Path,
                    settings: SeparationSettings = SeparationSettings(), *, verifier_dtype: str = "auto",
-                   batch_tokens: int = 4096, progress: bool = False, echo: Echo | None = None) -> SeparationResult:
+                   batch_tokens: int = 4096, progress: bool = False, print_status: StatusPrinter | None = None) -> SeparationResult:
     """Sample, grade, score and tabulate; see the module docstring."""
     from cmerl.evaluation import generator_label
     from cmerl.formatting import RenderConfig
@@ -165,7 +165,7 @@ def run_separation(policy: str, verifier: str, problem_set: str, output_dir: str
     from cmerl.scoring import Verifier
 
     out = Path(output_dir)
-    say = echo or (lambda _m: None)
+    emit_status = print_status or (lambda _m: None)
     problems = load_problems(problem_set, split=settings.split)
     recorded = {k: v for k, v in asdict(settings).items() if k not in ("batch_size", "n_boot")}
     job = claim_output_dir(out, {"kind": "cmerl.separation", "policy": _model_id(policy),
@@ -178,7 +178,7 @@ def run_separation(policy: str, verifier: str, problem_set: str, output_dir: str
     records = _complete_records(rec_path, len(items)) if outputs_complete(gen_path, items, generator=label,
                                                                           config=config) else None
     if records is None or [r["index"] for r in records] != [it.index for it in items]:
-        say(f"{len(problems)} problems from {problem_set} x {settings.samples} samples from {policy}")
+        emit_status(f"{len(problems)} problems from {problem_set} x {settings.samples} samples from {policy}")
         model, tok = load_generator(policy, dtype=settings.dtype)
         rows = generate_outputs(model, tok, items, gen_path, generator=label, config=config, progress=progress)
         by_index = {r["index"]: r for r in rows}
@@ -194,14 +194,14 @@ def run_separation(policy: str, verifier: str, problem_set: str, output_dir: str
                             "n_tokens": row.get("n_tokens"), "neg_length": -float(row.get("n_tokens") or 0)})
         prompts = [problem_of[r["index"]].prompt for r in records]
         responses = [r["response"] for r in records]
-        say("scoring with the policy itself (self-likelihood)")
+        emit_status("scoring with the policy itself (self-likelihood)")
         self_scorer = Verifier(model, tok, name=f"{policy} (policy)", max_batch_tokens=batch_tokens,
                                render=RenderConfig(system_prompt=settings.system_prompt))
         add_signals(records, self_scorer.score(prompts, responses, progress=progress), "policy",
                     settings.answer_format, entropy=False)
         del self_scorer, model
         gc.collect()
-        say(f"scoring with the verifier {verifier}")
+        emit_status(f"scoring with the verifier {verifier}")
         v = Verifier.from_pretrained(verifier, dtype=verifier_dtype, max_batch_tokens=batch_tokens)
         add_signals(records, v.score(prompts, responses, entropy=True, progress=progress), "verifier",
                     settings.answer_format, entropy=True)

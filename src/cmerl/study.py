@@ -48,10 +48,11 @@ from pathlib import Path
 
 import yaml
 
+from cmerl.configs import CONFIG_ROOT
 from cmerl.io import append_jsonl, iter_jsonl, read_records, write_json_atomic
 
 PHASES = ("train", "heldout", "generate", "judge", "report")
-CONFIG_DIR = Path("configs/study")
+CONFIG_DIR = CONFIG_ROOT / "study"  # the packaged rows (configs/study/ in a checkout)
 RUNS_ROOT = Path("runs/study")
 RESULTS_ROOT = Path("benchmarks/results/study")
 TABLE_START = "<!-- study-table:start (cmerl study table) -->"
@@ -59,7 +60,7 @@ TABLE_END = "<!-- study-table:end -->"
 _ROW_KEYS = ("title", "regime", "families", "train", "eval", "heldout", "against", "notes")
 _EVAL_KEYS = ("prompts", "base", "judge", "judge_dtype", "max_new_tokens", "system_prompt", "batch_size", "dtype")
 
-Echo = Callable[[str], None]
+StatusPrinter = Callable[[str], None]
 
 
 class StudyError(ValueError):
@@ -299,7 +300,7 @@ def _sync_training(paths: RowPaths) -> None:
 
 
 def phase_train(row: StudyRow, paths: RowPaths, *, max_new_steps: int | None = None, progress: bool = False,
-                echo: Echo | None = None) -> PhaseResult:
+                print_status: StatusPrinter | None = None) -> PhaseResult:
     """Train (or resume) the row's policy; ``max_new_steps`` stops after that many more steps (a budget:
     the run continues from there next time, exactly, with cmerl's default constant learning rate)."""
     from cmerl import training
@@ -321,7 +322,7 @@ def phase_train(row: StudyRow, paths: RowPaths, *, max_new_steps: int | None = N
         start = training.checkpoint_step(last) or 0
     target = cfg.max_steps if max_new_steps is None else min(cfg.max_steps, start + max(1, max_new_steps))
     run_cfg = replace(cfg, max_steps=target)
-    training.train(run_cfg, resume=resume, progress=progress, echo=echo)
+    training.train(run_cfg, resume=resume, progress=progress, print_status=print_status)
     _sync_training(paths)
     done = train_done(row, paths)
     return PhaseResult("train", done, "" if done else f"stopped at step {target} of {cfg.max_steps}")
@@ -384,7 +385,7 @@ def heldout_items(cfg) -> list:
 
 
 def phase_heldout(row: StudyRow, paths: RowPaths, state: dict, *, stop_after: int | None = None,
-                  progress: bool = False, echo: Echo | None = None) -> PhaseResult:
+                  progress: bool = False, print_status: StatusPrinter | None = None) -> PhaseResult:
     """Held-out CME, length and distinct-n of the trained and the untrained policy (``heldout.json``)."""
     from cmerl.generation import GenerationConfig
 
@@ -400,8 +401,8 @@ def phase_heldout(row: StudyRow, paths: RowPaths, state: dict, *, stop_after: in
              "base": paths.results / "heldout_outputs_base.json"}
     complete = True
     for role, name, label in (("trained", str(_trained_model(paths)), row.name), ("base", cfg.policy, cfg.policy)):
-        if echo:
-            echo(f"[heldout] {len(items)} held-out prompts, greedy, {role} policy -> {files[role]}")
+        if print_status:
+            print_status(f"[heldout] {len(items)} held-out prompts, greedy, {role} policy -> {files[role]}")
         complete &= _generate(name, items, files[role], gen, generator=label, stop_after=stop_after,
                               progress=progress)
     if not complete:
@@ -409,11 +410,11 @@ def phase_heldout(row: StudyRow, paths: RowPaths, state: dict, *, stop_after: in
     key = _sha([row.heldout_verifier, trained_fp, [json.loads(files[r].read_text()) for r in ("trained", "base")]])
     if out.is_file() and json.loads(out.read_text()).get("fingerprint") == key:
         return PhaseResult("heldout", True, "already scored")
-    write_json_atomic(out, {"fingerprint": key, **heldout_scores(row.heldout_verifier, files, echo=echo)})
+    write_json_atomic(out, {"fingerprint": key, **heldout_scores(row.heldout_verifier, files, print_status=print_status)})
     return PhaseResult("heldout", True)
 
 
-def heldout_scores(verifier_name: str, files: dict[str, Path], *, echo: Echo | None = None) -> dict:
+def heldout_scores(verifier_name: str, files: dict[str, Path], *, print_status: StatusPrinter | None = None) -> dict:
     """Score each outputs file's (instruction, output) pairs with the verifier: per-system mean CME (mean
     response log-likelihood, nats/token; empty responses are left out of the mean and counted) and
     :func:`cmerl.metrics.drift_stats`."""
@@ -422,8 +423,8 @@ def heldout_scores(verifier_name: str, files: dict[str, Path], *, echo: Echo | N
     from cmerl.metrics import drift_stats
     from cmerl.scoring import Verifier
 
-    if echo:
-        echo(f"[heldout] scoring with {verifier_name}")
+    if print_status:
+        print_status(f"[heldout] scoring with {verifier_name}")
     verifier = Verifier.from_pretrained(verifier_name)
     result = {"verifier": verifier_name, "verifier_dtype": str(getattr(verifier.model, "cmerl_dtype", "")),
               "systems": {}}
@@ -452,7 +453,7 @@ def eval_generation(row: StudyRow):
 
 
 def phase_generate(row: StudyRow, paths: RowPaths, state: dict, *, stop_after: int | None = None,
-                   progress: bool = False, echo: Echo | None = None) -> PhaseResult:
+                   progress: bool = False, print_status: StatusPrinter | None = None) -> PhaseResult:
     """Greedy AlpacaEval outputs of the trained policy and the untrained base."""
     from cmerl.generation import load_prompt_items
 
@@ -463,8 +464,8 @@ def phase_generate(row: StudyRow, paths: RowPaths, state: dict, *, stop_after: i
     for role, name, label in (("trained", str(_trained_model(paths)), row.name),
                               ("base", row.eval.base, row.eval.base)):
         out = paths.results / f"outputs_{role}.json"
-        if echo:
-            echo(f"[generate] {len(items)} prompts ({row.eval.prompts}), greedy, {role} model {name} -> {out}")
+        if print_status:
+            print_status(f"[generate] {len(items)} prompts ({row.eval.prompts}), greedy, {role} model {name} -> {out}")
         complete &= _generate(name, items, out, gen, generator=label, stop_after=stop_after, progress=progress)
     return PhaseResult("generate", complete, "" if complete else "stopped while generating")
 
@@ -505,7 +506,7 @@ def _pending_judgements(row: StudyRow, paths: RowPaths, results_root: Path) -> l
 
 
 def phase_judge(row: StudyRow, paths: RowPaths, *, results_root: Path, stop_after: int | None = None,
-                progress: bool = False, echo: Echo | None = None) -> PhaseResult:
+                progress: bool = False, print_status: StatusPrinter | None = None) -> PhaseResult:
     """Verdicts of trained vs base (and vs each ``against`` row with outputs), both orders; the judge is
     loaded only when something is left to judge."""
     import gc
@@ -523,8 +524,8 @@ def phase_judge(row: StudyRow, paths: RowPaths, *, results_root: Path, stop_afte
     complete = True
     try:
         for a, b, out, labels in pending:
-            if echo:
-                echo(f"[judge] {labels[0]} (A) vs {labels[1]} (B), both orders, judge {row.eval.judge} -> {out}")
+            if print_status:
+                print_status(f"[judge] {labels[0]} (A) vs {labels[1]} (B), both orders, judge {row.eval.judge} -> {out}")
             complete &= _judge_file(judge, a, b, out, labels=labels, stop_after=stop_after, progress=progress)
     finally:
         del judge
@@ -552,11 +553,11 @@ def training_wall_seconds(events: Sequence[dict], metrics: Sequence[dict]) -> fl
     return total
 
 
-def phase_report(row: StudyRow, paths: RowPaths, *, results_root: Path, echo: Echo | None = None) -> PhaseResult:
+def phase_report(row: StudyRow, paths: RowPaths, *, results_root: Path, print_status: StatusPrinter | None = None) -> PhaseResult:
     """``winrate*.json``, ``report.md`` + figures, and ``row.json`` (the table's source)."""
-    from cmerl.evaluation import summarize_verdicts
     from cmerl.metrics import drift_stats
     from cmerl.report import write_report
+    from cmerl.winrates import summarize_verdicts
 
     res = paths.results
     summary = summarize_verdicts(res / "verdicts.jsonl")
@@ -620,7 +621,7 @@ class RowRun:
 
 def run_row(row: str | StudyRow, *, config_dir: str | Path = CONFIG_DIR, runs_root: str | Path = RUNS_ROOT,
             results_root: str | Path = RESULTS_ROOT, phases: Sequence[str] = PHASES,
-            budget: dict[str, int] | None = None, progress: bool = False, echo: Echo | None = None) -> RowRun:
+            budget: dict[str, int] | None = None, progress: bool = False, print_status: StatusPrinter | None = None) -> RowRun:
     """Run (or continue) the row's phases in order, stopping at the first one left incomplete.
 
     ``budget``: per phase, at most that many new units (train: steps; heldout/generate: prompts per
@@ -644,24 +645,24 @@ def run_row(row: str | StudyRow, *, config_dir: str | Path = CONFIG_DIR, runs_ro
         _log_event(paths, {"phase": phase, "event": "start", **machine_info()})
         t0 = time.time()
         if phase == "train":
-            res = phase_train(r, paths, max_new_steps=budget.get("train"), progress=progress, echo=echo)
+            res = phase_train(r, paths, max_new_steps=budget.get("train"), progress=progress, print_status=print_status)
         elif phase == "heldout":
-            res = phase_heldout(r, paths, state, stop_after=budget.get("heldout"), progress=progress, echo=echo)
+            res = phase_heldout(r, paths, state, stop_after=budget.get("heldout"), progress=progress, print_status=print_status)
         elif phase == "generate":
-            res = phase_generate(r, paths, state, stop_after=budget.get("generate"), progress=progress, echo=echo)
+            res = phase_generate(r, paths, state, stop_after=budget.get("generate"), progress=progress, print_status=print_status)
         elif phase == "judge":
             res = phase_judge(r, paths, results_root=Path(results_root), stop_after=budget.get("judge"),
-                              progress=progress, echo=echo)
+                              progress=progress, print_status=print_status)
         else:
-            res = phase_report(r, paths, results_root=Path(results_root), echo=echo)
+            res = phase_report(r, paths, results_root=Path(results_root), print_status=print_status)
         _log_event(paths, {"phase": phase, "event": "end", "done": res.done, "seconds": time.time() - t0,
                            "note": res.note})
         state = _read_state(paths.results)
         state.setdefault("phases", {})[phase] = "done" if res.done else "incomplete"
         _write_state(paths.results, state)
         run.phases.append(res)
-        if echo:
-            echo(f"[{phase}] {'done' if res.done else 'incomplete'}{': ' + res.note if res.note else ''}")
+        if print_status:
+            print_status(f"[{phase}] {'done' if res.done else 'incomplete'}{': ' + res.note if res.note else ''}")
         if not res.done:
             break
     return run

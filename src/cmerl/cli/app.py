@@ -1,4 +1,11 @@
-"""The typer app object shared by the command modules."""
+"""The typer app object shared by the command modules, and the flag vocabulary they share.
+
+One spelling per concept in every command: ``--input/-i`` a file read, ``--output/-o`` a file written,
+``--output-dir/-o`` a folder written, ``--limit`` the first N items, ``--verifier/-v``, ``--model/-m``,
+``--dtype`` the dtype of the command's main model and ``--<role>-dtype`` (``--judge-dtype``,
+``--verifier-dtype``) that of a model in another role; every judge option starts with ``--judge``
+(``tests/test_cli_vocabulary.py`` checks it). Old spellings stay as hidden aliases (:func:`old_spelling`).
+"""
 
 import logging
 import sys
@@ -38,6 +45,23 @@ def dtype_option(what: str, *names: str):
     return typer.Option("auto", *names, callback=_check_dtype, help=(
         f"{what} dtype: auto (bfloat16 where the CPU/GPU runs it natively, else float32; the choice is "
         "printed), float32, bfloat16 or float16."))
+
+
+def old_spelling(flag: str, of: str):
+    """A hidden option for ``flag``, the old spelling of ``of`` (kept so existing commands and scripts keep
+    working; not shown in ``--help``). Merge it with :func:`either_spelling`."""
+    return typer.Option(None, flag, hidden=True, help=f"Old spelling of {of}.")
+
+
+def either_spelling(new, old, *, new_flag: str, old_flag: str, default=None):
+    """The value of an option given as ``new_flag`` or as its old spelling ``old_flag``; both with different
+    values is a one-line usage error (exit 2)."""
+    if old is None:
+        return new
+    if new is not None and new != default and new != old:
+        typer.echo(f"error: give {new_flag} or its old spelling {old_flag}, not both", err=True)
+        raise typer.Exit(2)
+    return old
 
 
 def _print_version(value: bool) -> None:

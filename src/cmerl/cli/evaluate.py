@@ -1,6 +1,6 @@
 """Evaluation commands: ``generate``, ``judge``, ``winrate``, ``judge-check``, ``reward-check``, ``report``,
-``eval``. Each is a thin call into :mod:`cmerl.generation`, :mod:`cmerl.judging`, :mod:`cmerl.evaluation`
-and :mod:`cmerl.report`."""
+``eval``. Each is a thin call into :mod:`cmerl.generation`, :mod:`cmerl.judging`, :mod:`cmerl.checks`,
+:mod:`cmerl.winrates`, :mod:`cmerl.evaluation` and :mod:`cmerl.report`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from cmerl.cli.app import app, dtype_option, input_errors
+from cmerl.cli.app import app, dtype_option, either_spelling, input_errors, old_spelling
 
 # Judge options shared by judge, judge-check and eval.
 JUDGE = typer.Option(..., "--judge", "-j", help="Judge model: a cmerl model name (packaged alias, HF folder, "
@@ -133,10 +133,10 @@ def judge(
     """Judge A against B on the instructions they share, each pair in both orders; prints the win rate (and
     the length-controlled one). Several --judge: one verdicts file each (OUTPUT.<judge>.jsonl), per-judge
     numbers and their mean (OUTPUT.panel.json); a judge that fails is reported and left out of the mean."""
-    from cmerl.evaluation import summarize_verdicts
     from cmerl.io import write_json_atomic
     from cmerl.judge_panel import PANEL_SUFFIX, run_panel
     from cmerl.judging import DecisionRule, load_pairs
+    from cmerl.winrates import summarize_verdicts
 
     console = _console()
     try:
@@ -166,13 +166,14 @@ def judge(
 @app.command()
 def winrate(
     verdicts: Path = typer.Argument(..., help="Verdicts JSONL written by cmerl judge / eval."),
-    json_out: Path = typer.Option(None, "--json", help="Also write the summary as JSON here."),
+    output: Path = typer.Option(None, "--output", "-o", help="Also write the summary as JSON here."),
+    json_out: Path = old_spelling("--json", "--output"),
     n_boot: int = typer.Option(10_000, help="Bootstrap resamples."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
 ) -> None:
     """Wins / ties / losses, tie-adjusted win rate with a bootstrap CI, consistency and lengths."""
-    from cmerl.evaluation import summarize_verdicts
     from cmerl.io import skipped_lines, write_json_atomic
+    from cmerl.winrates import summarize_verdicts
 
     try:
         summary = summarize_verdicts(verdicts, n_boot=n_boot, seed=seed)
@@ -184,8 +185,9 @@ def winrate(
         more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
         _console().print(f"[yellow]warning: {len(skipped)} line(s) of {verdicts} skipped, not counted: "
                          f"{shown}{more}[/yellow]", highlight=False)
-    if json_out:
-        write_json_atomic(json_out, summary.to_dict())
+    output = either_spelling(output, json_out, new_flag="--output", old_flag="--json")
+    if output:
+        write_json_atomic(output, summary.to_dict())
     print(summary.text())
 
 
@@ -196,27 +198,31 @@ def judge_check(
     max_response_chars: int = MAX_CHARS, threshold: float = THRESHOLD, require_consistent: bool = CONSISTENT,
     prompt_file: Path = PROMPT_FILE, concurrency: int = CONCURRENCY,
     judge_mode: str = JUDGE_MODE, references: Path = REFERENCES,
-    n: int = typer.Option(None, "--n", help="Pairs to judge, first n (default: 40 of the bundled sample's 80; "
-                          "with --pairs, every selected pair)."),
-    data: Path = typer.Option(None, "--data", help="AlpacaEval annotations JSON (instruction, output_1, output_2, "
-                              "preference) instead of the bundled sample."),
+    limit: int = typer.Option(None, "--limit", help="Pairs to judge, the first N (default: 40 of the bundled "
+                              "sample's 80; with --pairs, every selected pair)."),
+    input: Path = typer.Option(None, "--input", "-i", help="AlpacaEval annotations JSON (instruction, output_1, "
+                               "output_2, preference) instead of the bundled sample."),
+    n: int = old_spelling("--n", "--limit"),
+    data: Path = old_spelling("--data", "--input"),
     pairs: str = typer.Option(None, "--pairs", help="System-vs-system pairs instead: a model-pairs JSONL, or the "
                               "bundled phi2 (phi-2-sft vs phi-2) or fusechat (FuseChat-Llama-3.2-1B vs gemma-2b-it)."),
     min_margin: float = typer.Option(0.3, "--min-margin", help="With --pairs: only prompts where GPT-4 Turbo's "
                                      "preference margin between the two systems is at least this (0-1)."),
     max_pair_chars: int = typer.Option(None, "--max-pair-chars", help="With --pairs: only pairs whose instruction "
                                        "+ both outputs have at most this many characters (cheaper on a CPU)."),
-    output_dir: Path = typer.Option(None, "--output-dir", help="Where verdicts.jsonl and judge_check.json go "
+    output_dir: Path = typer.Option(None, "--output-dir", "-o", help="Where verdicts.jsonl and judge_check.json go "
                                     "(default: judge_check/<judge>[/<pairs>])."),
 ) -> None:
     """Agreement of a judge with GPT-4 Turbo: on its AlpacaEval verdicts (gpt4_1106_preview vs gemma-2b-it,
     an easy gap) or, with --pairs, on two similar systems GPT-4 Turbo rated apart by --min-margin."""
-    from cmerl.evaluation import judge_check as run_check
+    from cmerl.checks import judge_check as run_check
     from cmerl.io import write_json_atomic
     from cmerl.judging import DecisionRule
 
+    n = either_spelling(limit, n, new_flag="--limit", old_flag="--n")
+    data = either_spelling(input, data, new_flag="--input", old_flag="--data")
     if pairs and data:
-        _fail("pass --data (annotations) or --pairs (system-vs-system pairs), not both")
+        _fail("pass --input (annotations) or --pairs (system-vs-system pairs), not both")
     out = output_dir or Path("judge_check") / _slug(judge) / (_slug(pairs) if pairs else "")
     try:
         spec = _judge_spec(judge, judge_url, judge_api, api_key_env, logprobs, template_from, judge_dtype,
@@ -247,9 +253,9 @@ def judge_check(
 def reward_check(
     verifier: list[str] = typer.Option(..., "--verifier", "-v", help="Verifier model name; repeat it to also "
                                        "check the ensemble (mean mean_logprob) of several."),
-    data: Path = typer.Option(None, "--data", help="JSONL/JSON with prompt, chosen, rejected (default: the bundled "
-                              "UltraFeedback pairs)."),
-    n: int = typer.Option(200, "--n", help="Pairs to check (first n)."),
+    input: Path = typer.Option(None, "--input", "-i", help="JSONL/JSON with prompt, chosen, rejected (default: "
+                               "the bundled UltraFeedback pairs)."),
+    limit: int = typer.Option(200, "--limit", help="Pairs to check (the first N)."),
     rejected: str = typer.Option("data", "--rejected", help="What chosen is compared with: 'data' (the pairs' "
                                  "rejected answers) or 'off-topic' (another prompt's chosen answer: does the "
                                  "reward depend on the prompt?)."),
@@ -260,18 +266,22 @@ def reward_check(
     batch_tokens: int = typer.Option(4096, help="Token budget of one scoring batch."),
     output: Path = typer.Option(None, "--output", "-o", help="Write the result as JSON here."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
+    data: Path = old_spelling("--data", "--input"),
+    n: int = old_spelling("--n", "--limit"),
 ) -> None:
     """How often each verifier signal prefers the chosen response, vs a length-only baseline. With several
     --verifier, each is checked in turn (one loaded at a time), then their ensemble; --output then holds
     {"results": [...], "ensemble": {...}}."""
     import gc
 
-    from cmerl.evaluation import REJECTED_MODES, check_signal_names, ensemble_check, load_preference_pairs
-    from cmerl.evaluation import reward_check as run_check
+    from cmerl.checks import REJECTED_MODES, check_signal_names, ensemble_check, load_preference_pairs
+    from cmerl.checks import reward_check as run_check
     from cmerl.io import write_json_atomic
     from cmerl.metrics import format_pct
     from cmerl.scoring import Verifier
 
+    data = either_spelling(input, data, new_flag="--input", old_flag="--data")
+    n = either_spelling(limit, n, new_flag="--limit", old_flag="--n", default=200)
     try:
         names = check_signal_names(signals.split(","))
     except ValueError as exc:

@@ -69,7 +69,7 @@ def eval_math(
         settings = MathEvalSettings(samples=samples, temperature=temperature, top_p=top_p,
                                     max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, dtype=dtype,
                                     system_prompt=system_prompt, answer_format=answer_format, split=split)
-        result = evaluate_math(model, dataset, output_dir, settings, progress=True, echo=console.print)
+        result = evaluate_math(model, dataset, output_dir, settings, progress=True, print_status=console.print)
     except _user_errors() as exc:
         _fail(str(exc))
     console.print(format_summary(result), highlight=False)
@@ -108,7 +108,7 @@ def separation(
                                       system_prompt=system_prompt, answer_format=answer_format, split=split,
                                       n_boot=n_boot)
         result = run_separation(policy, verifier, dataset, output_dir, settings, verifier_dtype=verifier_dtype,
-                                batch_tokens=batch_tokens, progress=True, echo=console.print)
+                                batch_tokens=batch_tokens, progress=True, print_status=console.print)
     except _user_errors() as exc:
         _fail(str(exc))
     typer.echo(format_table(result))

@@ -8,12 +8,14 @@ from pathlib import Path
 import typer
 
 from cmerl.cli.app import app, input_errors
+from cmerl.configs import CONFIG_ROOT
 
 study_app = typer.Typer(help="The replication study: train, evaluate and report one row of configs/study/.",
                         no_args_is_help=True)
 app.add_typer(study_app, name="study")
 
-CONFIG_DIR = typer.Option(Path("configs/study"), "--config-dir", help="Folder of the row files (ROW.yaml).")
+CONFIG_DIR = typer.Option(CONFIG_ROOT / "study", "--config-dir", show_default="the packaged configs/study",
+                          help="Folder of the row files (ROW.yaml).")
 RUNS_DIR = typer.Option(Path("runs/study"), "--runs-dir", help="Where weights and checkpoints go (git-ignored).")
 RESULTS_DIR = typer.Option(Path("benchmarks/results/study"), "--results-dir",
                            help="Where the committed results go (one folder per row).")
@@ -60,7 +62,7 @@ def run(
     chosen = [p.strip() for p in phases.split(",") if p.strip()] if phases else list(PHASES)
     try:
         result = run_row(row, config_dir=config_dir, runs_root=runs_dir, results_root=results_dir,
-                         phases=chosen, budget=_budget(budget), progress=True, echo=typer.echo)
+                         phases=chosen, budget=_budget(budget), progress=True, print_status=typer.echo)
     except _errors() as exc:
         _fail(str(exc))
     status = "complete" if result.complete else "not complete (rerun the same command to continue)"

@@ -73,7 +73,7 @@ def _train(cfg, resume: bool, console) -> None:
     from cmerl import training
 
     try:
-        result = training.train(cfg, resume=resume, progress=True, echo=console.print)
+        result = training.train(cfg, resume=resume, progress=True, print_status=console.print)
     except _user_errors() as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
@@ -87,7 +87,7 @@ def _train(cfg, resume: bool, console) -> None:
 
 @app.command()
 def train(
-    config: Path = typer.Option(None, "--config", "-c", help="YAML run config (see --print-config)."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML run config: a file or a packaged name such as demo or paper/quality1 (`cmerl configs`; keys: --print-config)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a config key: key=value (repeatable; trl.NAME=value for TRL passthrough)."),
     resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its last complete checkpoint."),
     method: str = typer.Option(None, "--method", help="grpo (default), dpo (DPOTrainer on prompt/chosen/rejected rows) or distill (SFT on the verifier's answers, = cmerl distill); the config key `method`."),
@@ -115,7 +115,7 @@ def train(
 
 @app.command()
 def distill(
-    config: Path = typer.Option(None, "--config", "-c", help="YAML run config, the same as for `cmerl train` (see --print-config)."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML run config, the same as for `cmerl train`: a file or a packaged name (`cmerl configs`)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a config key: key=value (repeatable)."),
     resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory: missing teacher answers, then SFT from the last complete checkpoint."),
     check: bool = typer.Option(False, "--check", help="Validate the config and the model names, print what the run would do, then exit (loads no model)."),
@@ -138,8 +138,8 @@ def distill(
         return
     if generate_only:
         try:
-            training.prepare_run_dir(cfg, resume=resume is not None, echo=console.print)
-            training.prepare_teacher_outputs(cfg, progress=True, echo=console.print)
+            training.prepare_run_dir(cfg, resume=resume is not None, print_status=console.print)
+            training.prepare_teacher_outputs(cfg, progress=True, print_status=console.print)
         except _user_errors() as exc:
             console.print(f"[red]{exc}[/red]")
             raise typer.Exit(2) from None
@@ -154,10 +154,10 @@ def distill(
 def demo(
     output_dir: Path = typer.Option(None, "--output-dir", "-o", help="Run directory (default: runs/demo-<timestamp>)."),
     steps: int = typer.Option(None, "--steps", help="GRPO steps (default: the demo config's max_steps)."),
-    config: Path = typer.Option(None, "--config", "-c", help="Use this config instead of the built-in demo config."),
+    config: Path = typer.Option(None, "--config", "-c", help="Use this config (a file or a packaged name) instead of the packaged demo config."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a config key: key=value (repeatable)."),
     no_judge: bool = typer.Option(False, "--no-judge", help="Skip the head-to-head judging (saves about a minute)."),
-    judge: str = typer.Option(None, "--judge", help="Judge model for the head-to-head (default: qwen2.5-coder-1.5b-instruct, dtype auto)."),
+    judge: str = typer.Option(None, "--judge", "-j", help="Judge model for the head-to-head (default: qwen2.5-coder-1.5b-instruct, dtype auto)."),
 ) -> None:
     """Train SmolLM2-135M-Instruct on CME from a Qwen2.5-Coder verifier for a few steps, then show
     before/after completions on held-out prompts with their CME scores and a judged head-to-head."""
@@ -180,7 +180,7 @@ def demo(
         raise typer.Exit(2) from None
     try:
         result = demo_mod.run_demo(cfg, judge=None if no_judge else (judge or demo_mod.DEMO_JUDGE),
-                                   echo=console.print)
+                                   print_status=console.print)
     except _user_errors() as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
@@ -193,3 +193,20 @@ def demo(
                   + (f"  head-to-head verdicts {result.head_to_head.verdicts_path}  "
                      f"(`cmerl winrate {result.head_to_head.verdicts_path}`)\n" if result.head_to_head else "")
                   + f"  trained model         {result.final_dir}")
+
+
+@app.command()
+def configs(
+    name: str = typer.Argument(None, help="A packaged config to print (e.g. demo, paper/quality1); none: list them."),
+) -> None:
+    """List the configs that ship with cmerl, or print one (copy it to edit: `cmerl configs demo > my.yaml`)."""
+    from cmerl.configs import find_config, packaged_configs
+
+    if name is None:
+        typer.echo("\n".join(packaged_configs()))
+        return
+    try:
+        typer.echo(find_config(name).read_text(encoding="utf-8"), nl=False)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cmerl.formatting import RenderConfig
-from cmerl.scoring.types import ResponseScore
+from cmerl.scoring.types import AsyncScorer, ResponseScore, Scorer
 
 ENV_SERVER = "CMERL_SERVER_URL"
 ENV_VERIFIER = "CMERL_VERIFIER"
@@ -29,13 +29,14 @@ ENV_TOKENIZER = "CMERL_VERIFIER_TOKENIZER"
 ENV_PROTOCOL = "CMERL_PROTOCOL"
 ENV_DTYPE = "CMERL_DTYPE"
 
-_CACHE: dict[tuple, Any] = {}
+_CACHE: dict[tuple, Scorer] = {}
 _LOCK = threading.Lock()
 
 
 def get_scorer(*, server_url: str | None = None, verifier: str | None = None, tokenizer: Any = None,
-               protocol: str | None = None, render: RenderConfig | None = None, dtype: str | None = None) -> Any:
-    """A cached scorer (anything with ``score``, ``name`` and, for remote ones, ``ascore``); see module docstring.
+               protocol: str | None = None, render: RenderConfig | None = None, dtype: str | None = None) -> Scorer:
+    """A cached :class:`~cmerl.scoring.types.Scorer` (remote ones are also an
+    :class:`~cmerl.scoring.types.AsyncScorer`); see module docstring.
 
     ``render`` (default: :class:`RenderConfig`) is how pairs are rendered on this side."""
     render = render if render is not None else RenderConfig()
@@ -64,10 +65,11 @@ def get_scorer(*, server_url: str | None = None, verifier: str | None = None, to
                      "(a model name to load in this process), or pass server_url= / verifier=")
 
 
-async def ascore(scorer: Any, prompts: Sequence[Any], responses: Sequence[Any], *, entropy: bool = False,
+async def ascore(scorer: Scorer, prompts: Sequence[Any], responses: Sequence[Any], *, entropy: bool = False,
                  self_certainty: bool = False) -> list[ResponseScore]:
-    """``scorer.ascore`` when it has one (remote verifiers), else ``scorer.score`` in a worker thread."""
-    if hasattr(scorer, "ascore"):
+    """``scorer.ascore`` when it is an :class:`AsyncScorer` (remote verifiers), else ``scorer.score`` in a
+    worker thread."""
+    if isinstance(scorer, AsyncScorer):
         return await scorer.ascore(list(prompts), list(responses), entropy=entropy, self_certainty=self_certainty)
     return await asyncio.to_thread(scorer.score, list(prompts), list(responses), entropy=entropy,
                                    self_certainty=self_certainty)

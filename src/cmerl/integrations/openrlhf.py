@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cmerl.formatting import RenderConfig
-from cmerl.scoring.types import ResponseScore
+from cmerl.scoring.types import ResponseScore, Scorer
 
 #: End-of-turn / EOS strings of common chat models, stripped from the end of an actor's response.
 DEFAULT_STOP_STRINGS: tuple[str, ...] = (
@@ -107,10 +107,10 @@ def reward_payload(scores: Sequence[ResponseScore], name: str = "cme") -> dict[s
     }
 
 
-def score_queries(scorer: Any, queries: Sequence[str], prompts: Sequence[str], labels: Sequence[Any] | None = None,
+def score_queries(scorer: Scorer, queries: Sequence[str], prompts: Sequence[str], labels: Sequence[Any] | None = None,
                   *, prompt_mode: str = "chat",
                   stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS) -> dict[str, Any]:
-    """Score OpenRLHF queries with any scorer (``score(prompts, responses)``); returns :func:`reward_payload`.
+    """Score OpenRLHF queries with any :class:`~cmerl.scoring.types.Scorer`; returns :func:`reward_payload`.
 
     The scorer's render config decides the verifier-side format; for ``verbatim`` build it with
     ``render=render_config_for("verbatim", ...)``.

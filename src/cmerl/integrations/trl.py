@@ -29,4 +29,4 @@ class AsyncCrossModelEntropy(CrossModelEntropy):
         need_entropy = self.signal == "neg_entropy"
         per_scorer = list(await asyncio.gather(*(ascore(s, prompts, completions, entropy=need_entropy)
                                                  for s in self.scorers)))
-        return self.combine(per_scorer, t0, log_metric)
+        return self.rewards_from_scores(per_scorer, t0, log_metric)

@@ -21,15 +21,15 @@ verl runs its own reward-model servers (``reward.reward_model.enable=True`` with
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from cmerl.integrations.common import ENV_SERVER, ENV_VERIFIER, ascore, get_scorer
-from cmerl.scoring.types import ResponseScore
+from cmerl.io import write_atomic
+from cmerl.scoring.types import ResponseScore, Scorer
 
-_ROUTER_SCORERS: dict[tuple, Any] = {}
+_ROUTER_SCORERS: dict[tuple, Scorer] = {}
 
 
 def _plain(value: Any) -> Any:
@@ -54,7 +54,7 @@ def prompt_from_extra_info(extra_info: Mapping | None, key: str = "prompt") -> A
     return prompt
 
 
-def _scorer(kwargs: dict[str, Any]) -> Any:
+def _scorer(kwargs: dict[str, Any]) -> Scorer:
     server_url, verifier = kwargs.get("server_url"), kwargs.get("verifier")
     router = kwargs.get("reward_router_address")
     if not (server_url or verifier or os.environ.get(ENV_SERVER) or os.environ.get(ENV_VERIFIER)) and router:
@@ -133,14 +133,5 @@ def prepare_dataset(src: str | Path, dst: str | Path, *, prompt_column: str = "p
     df["reward_model"] = reward
     if "data_source" not in df.columns:
         df["data_source"] = data_source
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(dst, lambda f: df.to_parquet(f, index=False), text=False)
     return n

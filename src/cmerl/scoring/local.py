@@ -19,85 +19,26 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from cmerl.formatting import Prompt, RenderConfig, completion_text, render_pair
-from cmerl.scoring.types import ResponseScore, ScoreRequest, attach_token_positions
+from cmerl.formatting import Prompt, RenderConfig
+from cmerl.scoring.requests import (
+    PreparedRequest,
+    plan_batches,
+    render_request,
+    render_requests,
+    truncate_request,
+)
+from cmerl.scoring.types import (
+    DEFAULT_LOGPROB_FLOOR,
+    ResponseScore,
+    ScoreRequest,
+    attach_token_positions,
+    response_score_from_token_logprobs,
+)
 
-DEFAULT_LOGPROB_FLOOR = -20.0
 MIN_SHARED_PREFIX = 8  # tokens; shorter common prefixes are not worth a separate forward
-
-
-@dataclass
-class _Prepared:
-    ids: list[int]
-    start: int  # first response position inside ids
-    truncated: bool
-
-
-def check_pairs(prompts: Sequence, responses: Sequence) -> None:
-    """Validate two parallel lists; raise naming the first bad item."""
-    if isinstance(prompts, (str, bytes)) or isinstance(responses, (str, bytes)):
-        raise TypeError("prompts and responses must be lists (got a single string)")
-    if len(prompts) != len(responses):
-        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses; they must pair up")
-
-
-def render_request(tokenizer, config: RenderConfig, prompt: Prompt, response: str) -> ScoreRequest:
-    """One pair rendered and tokenized (see :func:`cmerl.formatting.render_pair`)."""
-    pair = render_pair(tokenizer, prompt, response, config)
-    return ScoreRequest(pair.input_ids, pair.response_start, pair.response_offsets)
-
-
-def render_requests(tokenizer, config: RenderConfig, prompts: Sequence[Prompt],
-                    responses: Sequence) -> list[ScoreRequest]:
-    """Parallel lists of prompts and responses (strings or TRL conversational completions) as requests;
-    a bad item raises naming its index."""
-    check_pairs(prompts, responses)
-    out = []
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        try:
-            out.append(render_request(tokenizer, config, p, completion_text(r)))
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"item {i}: {exc}") from None
-    return out
-
-
-def truncate_request(req: ScoreRequest, max_length: int) -> _Prepared:
-    """Fit a request into ``max_length`` tokens: drop prompt tokens from the left, keep the response;
-    a response that does not fit on its own keeps one context token and its first ``max_length - 1`` tokens."""
-    ids, start = req.input_ids, req.response_start
-    if len(ids) <= max_length:
-        return _Prepared(list(ids), start, False)
-    n_resp = len(ids) - start
-    if n_resp <= max_length - 1:
-        cut = len(ids) - max_length
-        return _Prepared(list(ids[cut:]), start - cut, True)
-    keep_ctx = ids[start - 1:start] if start > 0 else []
-    resp = ids[start:start + max_length - len(keep_ctx)]
-    return _Prepared(list(keep_ctx) + list(resp), len(keep_ctx), True)
-
-
-def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int = 256,
-                 max_padding: float = 1.0) -> list[list[int]]:
-    """Indices grouped into batches, longest first; each batch's rows x max length <= the budget
-    (a single over-long row still forms its own batch), and a row joins a batch only while its padding
-    stays within ``max_padding`` of the batch width (``length >= (1 - max_padding) * width``)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        width = lengths[current[0]] if current else lengths[i]
-        if current and ((len(current) + 1) * width > max_batch_tokens or len(current) >= max_batch_size
-                        or lengths[i] < (1.0 - max_padding) * width):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
 
 
 class Verifier:
@@ -192,14 +133,18 @@ class Verifier:
                                    self_certainty=self_certainty, progress=progress)
 
     def score_requests(self, requests: Sequence[ScoreRequest], *, entropy: bool = False,
-                       self_certainty: bool = False, top_k: int = 0,
-                       progress: bool = False) -> list[ResponseScore]:
+                       self_certainty: bool = False, top_k: int = 0, progress: bool = False,
+                       logprob_floor: float | None = None) -> list[ResponseScore]:
         """Score already-tokenized requests (``input_ids``, ``response_start``), in input order.
 
         ``top_k > 0`` also returns, per scored position, the k most likely tokens as
         ``extra["top_logprobs"]``: a list (one per position) of ``[(token_id, logprob), ...]`` (unclamped).
+        ``logprob_floor``: the per-token clamp of this call (natural log; default: the verifier's own); the
+        empty-response score stays :attr:`empty_score`. The reward service scores with a floor of -9999
+        and applies each request's CME floor afterwards.
         """
         t0 = time.perf_counter()
+        floor = self.logprob_floor if logprob_floor is None else float(logprob_floor)
         prepared = []
         for i, r in enumerate(requests):
             if not (0 <= r.response_start <= len(r.input_ids)):
@@ -211,7 +156,9 @@ class Verifier:
         todo = [i for i, p in enumerate(prepared) if len(p.ids) > p.start]
         for i, p in enumerate(prepared):
             if len(p.ids) == p.start:
-                results[i] = self._empty(p.truncated, entropy, self_certainty)
+                results[i] = response_score_from_token_logprobs(
+                    [], floor=floor, empty_score=self.empty_score, truncated=p.truncated,
+                    token_entropies=[] if entropy else None, token_self_certainty=[] if self_certainty else None)
         with torch.inference_mode():
             plan = self._plan(prepared, todo)
             iterator = plan
@@ -224,21 +171,13 @@ class Verifier:
                 batch_items = [prepared[i] for i in rows]
                 if prefix_len and group != cached_group:
                     cached_group, cache = group, self._prefix_cache(batch_items[0].ids[:prefix_len])
-                scores = self._score_batch(batch_items, entropy, self_certainty, top_k,
+                scores = self._score_batch(batch_items, entropy, self_certainty, floor, top_k,
                                            prefix_len=prefix_len, prefix_cache=cache if prefix_len else None)
                 for i, res in zip(rows, scores):
                     results[i] = res
         attach_token_positions(results, list(requests))  # type: ignore[arg-type]
         self.last_seconds = time.perf_counter() - t0
         return results  # type: ignore[return-value]
-
-    def _empty(self, truncated: bool, entropy: bool, self_certainty: bool) -> ResponseScore:
-        return ResponseScore(
-            token_logprobs=[], n_tokens=0, mean_logprob=self.empty_score, sum_logprob=self.empty_score,
-            truncated=truncated, token_entropies=[] if entropy else None,
-            mean_entropy=-self.empty_score if entropy else None,
-            token_self_certainty=[] if self_certainty else None,
-            mean_self_certainty=0.0 if self_certainty else None)
 
     def _head_weight(self) -> torch.Tensor:
         w = self.model.get_output_embeddings().weight
@@ -248,7 +187,7 @@ class Verifier:
             self._head_weight_fp32 = w.detach().float()
         return self._head_weight_fp32
 
-    def _plan(self, prepared: list[_Prepared], todo: list[int]) -> list[tuple[int, int, list[int]]]:
+    def _plan(self, prepared: list[PreparedRequest], todo: list[int]) -> list[tuple[int, int, list[int]]]:
         """Work items ``(shared prefix length, group id, request indices)``, one per forward batch.
 
         Requests whose tokens before their last context token are identical (one prompt, several
@@ -284,7 +223,7 @@ class Verifier:
         if self._share_ok is None:
             ids = [t % self.vocab_size for t in range(1, 25)]
             other = ids[:16] + [t % self.vocab_size for t in range(40, 44)]
-            items = [_Prepared(ids, 17, False), _Prepared(other, 17, False)]
+            items = [PreparedRequest(ids, 17, False), PreparedRequest(other, 17, False)]
             try:
                 with torch.inference_mode():
                     backbone = self.model.get_decoder()
@@ -299,7 +238,7 @@ class Verifier:
                 self._share_ok = False
         return self._share_ok
 
-    def _padded(self, items: list[_Prepared], prefix_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def _padded(self, items: list[PreparedRequest], prefix_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)`` of ``ids[prefix_len:]`` of each item, right-padded: ids are
         (batch, width); the mask is (batch, prefix_len + width), the shared prefix counted as attended."""
         width = max(len(p.ids) for p in items) - prefix_len
@@ -312,7 +251,7 @@ class Verifier:
             mask[b, prefix_len:len(p.ids)] = 1
         return input_ids, mask
 
-    def _hidden(self, items: list[_Prepared], prefix_len: int = 0, prefix_cache=None) -> torch.Tensor:
+    def _hidden(self, items: list[PreparedRequest], prefix_len: int = 0, prefix_cache=None) -> torch.Tensor:
         """Backbone hidden states (batch, width, hidden) of ``ids[prefix_len:]`` of each item, right-padded;
         with a prefix, the cached prefix (batch of one) is repeated for the batch and attended to."""
         device = self.model.device
@@ -327,7 +266,7 @@ class Verifier:
         return backbone(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions,
                         past_key_values=cache, use_cache=True).last_hidden_state
 
-    def _score_batch(self, items: list[_Prepared], entropy: bool, self_certainty: bool,
+    def _score_batch(self, items: list[PreparedRequest], entropy: bool, self_certainty: bool, floor: float,
                      top_k: int = 0, prefix_len: int = 0, prefix_cache=None) -> list[ResponseScore]:
         device = self.model.device
         rows, cols, targets, sizes = [], [], [], []
@@ -351,17 +290,10 @@ class Verifier:
         top_split = list(zip(top[0].split(sizes), top[1].split(sizes))) if top_k else None
         out = []
         for b, parts in enumerate(zip(*[s.split(sizes) for s in stats])):
-            lp = parts[0].clamp_min(self.logprob_floor)
-            n = sizes[b]
-            ent = parts[1] if entropy else None
-            sc = parts[-1] if self_certainty else None
-            out.append(ResponseScore(
-                token_logprobs=lp.tolist(), n_tokens=n, mean_logprob=float(lp.mean()), sum_logprob=float(lp.sum()),
-                truncated=items[b].truncated,
-                token_entropies=ent.tolist() if ent is not None else None,
-                mean_entropy=float(ent.mean()) if ent is not None else None,
-                token_self_certainty=sc.tolist() if sc is not None else None,
-                mean_self_certainty=float(sc.mean()) if sc is not None else None))
+            out.append(response_score_from_token_logprobs(
+                parts[0].tolist(), floor=floor, empty_score=self.empty_score, truncated=items[b].truncated,
+                token_entropies=parts[1].tolist() if entropy else None,
+                token_self_certainty=parts[-1].tolist() if self_certainty else None))
             if top_split is not None:
                 vals, idx = top_split[b]
                 out[-1].extra["top_logprobs"] = [list(zip(i.tolist(), v.tolist())) for v, i in zip(vals, idx)]

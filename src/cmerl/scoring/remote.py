@@ -1,10 +1,11 @@
 """The verifier contract over HTTP: render and tokenize here, ask a server for the log-probs of those ids.
 
-:class:`RemoteVerifier` has the same contract as the local :class:`~cmerl.scoring.Verifier`
-(``score(prompts, responses, entropy=..., self_certainty=...) -> list[ResponseScore]``, ``name``,
-``tokenizer``, ``render``). Pairs are rendered with :func:`cmerl.formatting.render_pair` and the verifier's
+:class:`RemoteVerifier` has the same contract as the local :class:`~cmerl.scoring.Verifier` (the
+:class:`~cmerl.scoring.types.AsyncScorer` protocol: ``score``, ``score_requests``, ``ascore``, ``name``;
+plus ``tokenizer`` and ``render``). Pairs are rendered with :func:`cmerl.formatting.render_pair` and the verifier's
 tokenizer, so the scored token spans are exactly the local engine's; the floor, empty-response score and
-truncation rules are the local engine's too (:func:`summarize`, :func:`~cmerl.scoring.local.truncate_request`).
+truncation rules are the local engine's too (:func:`~cmerl.scoring.types.response_score_from_token_logprobs`,
+:func:`~cmerl.scoring.requests.truncate_request`). Nothing here imports torch.
 
 Two wire protocols:
 
@@ -18,8 +19,9 @@ Two wire protocols:
 
 Transport: one background event loop per verifier holds an ``httpx.AsyncClient``; requests are split in
 chunks of ``chunk_size`` items sent with at most ``max_concurrency`` in flight. Connection errors,
-timeouts, 429 and 5xx answers are retried ``max_retries`` times with exponential backoff (honouring
-``Retry-After``); other 4xx answers raise :class:`RemoteScoringError` at once with the server's message.
+timeouts, 408, 429 and 5xx answers are retried ``max_retries`` times by cmerl's one retry policy
+(:mod:`cmerl.http_retry`: exponential backoff, ``Retry-After`` honoured up to ``max_backoff``); other 4xx
+answers raise :class:`RemoteScoringError` at once with the server's message.
 On first use the server is checked against the local tokenizer (vocabulary size and a tokenization
 probe); a mismatch raises :class:`VerifierMismatchError`.
 """
@@ -27,9 +29,7 @@ probe); a mismatch raises :class:`VerifierMismatchError`.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
-import random
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -38,17 +38,17 @@ from typing import Any, Self
 import httpx
 
 from cmerl.formatting import Prompt, RenderConfig, completion_text
-from cmerl.scoring.local import (
+from cmerl.http_retry import RetriesExhaustedError, RetryPolicy, async_send_with_retries, error_message
+from cmerl.scoring.requests import check_pairs, render_request, render_requests, truncate_request
+from cmerl.scoring.types import (
     DEFAULT_LOGPROB_FLOOR,
-    check_pairs,
-    render_request,
-    render_requests,
-    truncate_request,
+    ResponseScore,
+    ScoreRequest,
+    attach_token_positions,
+    response_score_from_token_logprobs,
 )
-from cmerl.scoring.types import ResponseScore, ScoreRequest, attach_token_positions
 
 PROTOCOLS = ("auto", "openai", "cmerl")
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 PROBE_TEXT = "cmerl probe: Hello, world! 12345 naïve café 東京 \t tabs\nand newlines -> {json: [1, 2]}"
 
 
@@ -73,54 +73,6 @@ class ServerInfo:
     max_length: int | None
     vocab_size: int | None
     logprob_floor: float | None = None
-
-
-def summarize(token_logprobs: Sequence[float], *, floor: float, empty_score: float, truncated: bool = False,
-              token_entropies: Sequence[float] | None = None,
-              token_self_certainty: Sequence[float] | None = None) -> ResponseScore:
-    """A :class:`ResponseScore` from raw per-token values, with the local engine's rules.
-
-    Log-probs (natural log) are clamped at ``floor`` (non-finite values become ``floor``); an empty
-    response scores ``empty_score`` (mean and sum), ``-empty_score`` mean entropy and 0 self-certainty.
-    """
-    lp = [float(x) if math.isfinite(x) and x > floor else floor for x in token_logprobs]
-    ent = None if token_entropies is None else [float(x) for x in token_entropies]
-    sc = None if token_self_certainty is None else [float(x) for x in token_self_certainty]
-    if not lp:
-        return ResponseScore(
-            token_logprobs=[], n_tokens=0, mean_logprob=empty_score, sum_logprob=empty_score, truncated=truncated,
-            token_entropies=[] if ent is not None else None, mean_entropy=-empty_score if ent is not None else None,
-            token_self_certainty=[] if sc is not None else None, mean_self_certainty=0.0 if sc is not None else None)
-    total = math.fsum(lp)
-    return ResponseScore(
-        token_logprobs=lp, n_tokens=len(lp), mean_logprob=total / len(lp), sum_logprob=total, truncated=truncated,
-        token_entropies=ent, mean_entropy=math.fsum(ent) / len(ent) if ent else None,
-        token_self_certainty=sc, mean_self_certainty=math.fsum(sc) / len(sc) if sc else None)
-
-
-def error_message(response: httpx.Response) -> str:
-    """The human message of an error answer (OpenAI/vLLM ``error.message``, FastAPI ``detail``, or the text)."""
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:500]
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-        for key in ("message", "detail"):
-            if body.get(key):
-                return str(body[key])
-    return str(body)[:500]
-
-
-def retry_after_seconds(response: httpx.Response) -> float | None:
-    """``Retry-After`` in seconds when the header holds a number, else None."""
-    value = response.headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
 
 
 class RemoteVerifier:
@@ -156,6 +108,7 @@ class RemoteVerifier:
             raise ValueError(f"url must start with http:// or https:// (got {url!r})")
         if max_concurrency < 1 or chunk_size < 1 or max_retries < 0:
             raise ValueError("max_concurrency and chunk_size must be >= 1 and max_retries >= 0")
+        RetryPolicy(int(max_retries), float(backoff), float(max_backoff))  # ValueError now, not at the first request
         url = url.rstrip("/")
         self.url = url.removesuffix("/v1")
         if isinstance(tokenizer, str):
@@ -325,27 +278,17 @@ class RemoteVerifier:
     async def _request(self, method: str, path: str, payload: Any = None) -> httpx.Response:
         """One request with the retry policy; returns any answer that is not retried (2xx or final 4xx)."""
         client, semaphore, _ = self._runtime()
-        attempt = 0
-        while True:
-            delay = min(self.max_backoff, self.backoff * (2 ** attempt)) * (0.5 + random.random() / 2)
-            try:
-                async with semaphore:
-                    response = await client.request(method, path, json=payload)
-                if response.status_code not in RETRY_STATUSES:
-                    return response
-                failure = f"HTTP {response.status_code}: {error_message(response)}"
-                status: int | None = response.status_code
-                hinted = retry_after_seconds(response)
-                if hinted is not None:
-                    delay = min(self.max_backoff, hinted)
-            except httpx.TransportError as exc:
-                failure, status = f"{type(exc).__name__}: {exc or 'no detail'}", None
-            if attempt >= self.max_retries:
-                raise RemoteScoringError(
-                    f"{method} {self.url}{path} failed after {attempt + 1} attempts ({failure}); "
-                    "is the server running? (raise max_retries/timeout for slow restarts)", status=status)
-            attempt += 1
-            await asyncio.sleep(delay)
+
+        async def send() -> httpx.Response:
+            async with semaphore:
+                return await client.request(method, path, json=payload)
+
+        policy = RetryPolicy(self.max_retries, self.backoff, self.max_backoff)
+        try:
+            return await async_send_with_retries(send, policy, method=method, url=f"{self.url}{path}")
+        except RetriesExhaustedError as exc:
+            raise RemoteScoringError(f"{exc}; is the server running? (raise max_retries/timeout for slow restarts)",
+                                     status=exc.status) from None
 
     async def _post_json(self, path: str, payload: Any) -> Any:
         response = await self._request("POST", path, payload)
@@ -472,9 +415,10 @@ class RemoteVerifier:
                                      f" scores for {len(items)} items")
         out = []
         for s in scores:
-            out.append(summarize(s["token_logprobs"], floor=self.logprob_floor, empty_score=self.empty_score,
-                                 truncated=bool(s.get("truncated")), token_entropies=s.get("token_entropies"),
-                                 token_self_certainty=s.get("token_self_certainty")))
+            out.append(response_score_from_token_logprobs(
+                s["token_logprobs"], floor=self.logprob_floor, empty_score=self.empty_score,
+                truncated=bool(s.get("truncated")), token_entropies=s.get("token_entropies"),
+                token_self_certainty=s.get("token_self_certainty")))
             if isinstance(s.get("token_ids"), list):  # servers before 0.2 send neither
                 out[-1].token_ids = [int(t) for t in s["token_ids"]]
             if isinstance(s.get("token_offsets"), list):
@@ -503,7 +447,8 @@ class RemoteVerifier:
             choices = sorted(choices, key=lambda c: c.get("index", 0))
             for k, (i, choice) in enumerate(zip(todo, choices)):
                 raw[i] = read_prompt_logprobs(choice.get("prompt_logprobs"), prepared[i].ids, prepared[i].start, k)
-        return [summarize(lp, floor=self.logprob_floor, empty_score=self.empty_score, truncated=p.truncated)
+        return [response_score_from_token_logprobs(lp, floor=self.logprob_floor, empty_score=self.empty_score,
+                                                   truncated=p.truncated)
                 for lp, p in zip(raw, prepared)]
 
 

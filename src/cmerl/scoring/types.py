@@ -1,11 +1,18 @@
-"""Plain data that crosses the scoring boundary: requests in, per-token statistics out."""
+"""What crosses the scoring boundary (no torch): requests in, per-token statistics out, and the
+:class:`Scorer` role that the local engine, the remote client and the policy-side baselines all play."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-Signal = Literal["mean_logprob", "sum_logprob", "neg_entropy"]
+if TYPE_CHECKING:
+    from cmerl.formatting import Prompt
+
+#: Per-token log-probs are clamped at this value (natural log) unless a scorer is given another floor.
+DEFAULT_LOGPROB_FLOOR = -20.0
 SIGNALS: tuple[str, ...] = ("mean_logprob", "sum_logprob", "neg_entropy")
 
 
@@ -99,3 +106,72 @@ def attach_token_positions(scores: list[ResponseScore], requests: list[ScoreRequ
             if len(req.response_offsets) < n:
                 raise ValueError(f"request {i}: {len(req.response_offsets)} response offsets for {n} scored tokens")
             score.token_offsets = [tuple(o) for o in req.response_offsets[:n]]
+
+
+def response_score_from_token_logprobs(
+        token_logprobs: Sequence[float], *, floor: float, empty_score: float, truncated: bool = False,
+        token_entropies: Sequence[float] | None = None,
+        token_self_certainty: Sequence[float] | None = None) -> ResponseScore:
+    """The one way a :class:`ResponseScore` is built from per-token values (every scorer and the server).
+
+    token_logprobs: (n_tokens,) natural-log probabilities; each is clamped at ``floor`` and a non-finite
+        value (NaN, -inf) becomes ``floor``. ``mean_logprob`` and ``sum_logprob`` are their exact (``fsum``)
+        mean and sum in float64.
+    token_entropies / token_self_certainty: (n_tokens,) when computed (nats), else None; their means are
+        ``mean_entropy`` / ``mean_self_certainty``.
+    An empty response (no tokens) scores ``empty_score`` as mean and sum, ``-empty_score`` mean entropy and
+    0 self-certainty (when those were asked for, i.e. given as empty lists).
+    """
+    lp = [float(x) if math.isfinite(x) and x > floor else float(floor) for x in token_logprobs]
+    ent = None if token_entropies is None else [float(x) for x in token_entropies]
+    sc = None if token_self_certainty is None else [float(x) for x in token_self_certainty]
+    if not lp:
+        return ResponseScore(
+            token_logprobs=[], n_tokens=0, mean_logprob=empty_score, sum_logprob=empty_score, truncated=truncated,
+            token_entropies=[] if ent is not None else None, mean_entropy=-empty_score if ent is not None else None,
+            token_self_certainty=[] if sc is not None else None, mean_self_certainty=0.0 if sc is not None else None)
+    total = math.fsum(lp)
+    return ResponseScore(
+        token_logprobs=lp, n_tokens=len(lp), mean_logprob=total / len(lp), sum_logprob=total, truncated=truncated,
+        token_entropies=ent, mean_entropy=math.fsum(ent) / len(ent) if ent else None,
+        token_self_certainty=sc, mean_self_certainty=math.fsum(sc) / len(sc) if sc else None)
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """The verifier role: (prompt, response) pairs or tokenized requests in, one :class:`ResponseScore` each.
+
+    Played by the local engine (:class:`cmerl.scoring.Verifier`, also as the policy-side scorer of the
+    self-certainty / entropy / self-likelihood baselines) and the HTTP client
+    (:class:`cmerl.scoring.remote.RemoteVerifier`). Results are in input order; ``entropy`` /
+    ``self_certainty`` ask for ``token_entropies`` / ``token_self_certainty`` as well (a scorer that cannot
+    compute them raises ValueError). A scorer may also have a ``tokenizer`` (its vocabulary, used to align
+    tokens for dense rewards) and ``source_name`` (the model it serves, for the independence guard); both
+    are read with ``getattr`` and are not part of the protocol.
+    """
+
+    @property
+    def name(self) -> str:
+        """Shown in logs and metrics, and compared with the policy's name by the independence guard."""
+        ...
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence, *, entropy: bool = False,
+              self_certainty: bool = False, progress: bool = False) -> list[ResponseScore]:
+        """Score parallel lists of prompts and responses (strings or TRL conversational completions)."""
+        ...
+
+    def score_requests(self, requests: Sequence[ScoreRequest], *, entropy: bool = False,
+                       self_certainty: bool = False, progress: bool = False) -> list[ResponseScore]:
+        """Score requests already rendered and tokenized with this scorer's tokenizer."""
+        ...
+
+
+@runtime_checkable
+class AsyncScorer(Scorer, Protocol):
+    """A :class:`Scorer` that can also be awaited from any event loop (the remote client). Scorers without
+    ``ascore`` are awaited through a worker thread (:func:`cmerl.integrations.common.ascore`)."""
+
+    async def ascore(self, prompts: Sequence[Prompt], responses: Sequence, *, entropy: bool = False,
+                     self_certainty: bool = False) -> list[ResponseScore]:
+        """Async :meth:`score`."""
+        ...

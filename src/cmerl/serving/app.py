@@ -22,8 +22,9 @@ error, 500 included, has the error format above, and a refused request leaves it
 usable.
 
 The engine runs in one worker thread behind a :class:`~cmerl.serving.batcher.DynamicBatcher`. The engine
-itself clamps nothing (floor -9999, like vLLM's JSON clamp); the CME floor and empty-response score are
-applied per request (:func:`cmerl.scoring.remote.summarize`), so ``/v1/completions`` returns raw log-probs.
+is asked for raw log-probs (a per-call floor of -9999, like vLLM's JSON clamp); the CME floor and
+empty-response score are applied per request
+(:func:`cmerl.scoring.types.response_score_from_token_logprobs`), so ``/v1/completions`` returns raw log-probs.
 """
 
 from __future__ import annotations
@@ -39,14 +40,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cmerl.formatting import RenderConfig, render_pair
+from cmerl.formatting import RenderConfig
 from cmerl.integrations.openrlhf import (
     DEFAULT_STOP_STRINGS,
     PROMPT_MODES,
@@ -56,9 +57,13 @@ from cmerl.integrations.openrlhf import (
     scoring_prompts,
     split_queries,
 )
-from cmerl.scoring.local import truncate_request
-from cmerl.scoring.remote import summarize
-from cmerl.scoring.types import ResponseScore, ScoreRequest, attach_token_positions
+from cmerl.scoring.requests import render_request, truncate_request
+from cmerl.scoring.types import (
+    ResponseScore,
+    ScoreRequest,
+    attach_token_positions,
+    response_score_from_token_logprobs,
+)
 from cmerl.serving.batcher import DynamicBatcher, Options, QueueFull, ShuttingDown
 from cmerl.serving.metrics import ServiceMetrics
 from cmerl.serving.openapi import openapi_schema
@@ -71,6 +76,9 @@ from cmerl.serving.schemas import (
     TextItem,
     TokenizeBody,
 )
+
+if TYPE_CHECKING:  # the served engine; the app itself needs no torch import
+    from cmerl.scoring.local import Verifier
 
 logger = logging.getLogger("cmerl")
 
@@ -323,16 +331,13 @@ def _finite(x: float) -> float:
 class RewardService:
     """The verifier, its batcher and metrics; the route handlers are its methods."""
 
-    def __init__(self, verifier, config: ServerConfig):
+    def __init__(self, verifier: Verifier, config: ServerConfig):
         self.config = config
         self.name = config.served_name or verifier.name
         self.floor = float(config.logprob_floor if config.logprob_floor is not None else verifier.logprob_floor)
         self.empty_score = float(config.empty_score if config.empty_score is not None else
                                  (verifier.empty_score if config.logprob_floor is None else self.floor))
-        # The engine reports raw log-probs (a shallow copy sharing the model); CME rules apply per request.
-        self.verifier = object.__new__(type(verifier))
-        self.verifier.__dict__.update(verifier.__dict__)
-        self.verifier.logprob_floor = RAW_FLOOR
+        self.verifier = verifier  # asked for raw log-probs (floor RAW_FLOOR); CME rules apply per request
         self.vocab_size = int(verifier.vocab_size)
         self.max_length = int(verifier.max_length)
         self.metrics = ServiceMetrics(queue_depth=lambda: self.batcher.queued_items)
@@ -344,8 +349,8 @@ class RewardService:
 
     # -------------------------------------------------------------- engine side (worker thread)
     def _engine(self, requests: list[ScoreRequest], options: Options) -> list[ResponseScore]:
-        return self.verifier.score_requests(requests, entropy=options.entropy,
-                                            self_certainty=options.self_certainty, top_k=options.top_k)
+        return self.verifier.score_requests(requests, entropy=options.entropy, self_certainty=options.self_certainty,
+                                            top_k=options.top_k, logprob_floor=RAW_FLOOR)
 
     def _expected_jobs(self) -> int:
         """HTTP requests in flight that have not reached the engine yet (they will, soon)."""
@@ -386,17 +391,17 @@ class RewardService:
         out = []
         for i, (p, r) in enumerate(zip(prompts, responses)):
             try:
-                pair = render_pair(self.verifier.tokenizer, p, r, config)
+                out.append(render_request(self.verifier.tokenizer, config, p, r))
             except Exception as exc:  # noqa: BLE001 - bad input (template errors, odd unicode) is the client's
                 raise ApiError(422, f"{field_name}.{i}: cannot render this pair: {exc}",
                                param=f"{field_name}.{i}") from None
-            out.append(ScoreRequest(pair.input_ids, pair.response_start, pair.response_offsets))
         return out
 
     def _finalize(self, raw: list[ResponseScore], truncated: list[bool], floor: float,
                   empty_score: float) -> list[ResponseScore]:
-        return [summarize(r.token_logprobs, floor=floor, empty_score=empty_score, truncated=r.truncated or t,
-                          token_entropies=r.token_entropies, token_self_certainty=r.token_self_certainty)
+        return [response_score_from_token_logprobs(
+                    r.token_logprobs, floor=floor, empty_score=empty_score, truncated=r.truncated or t,
+                    token_entropies=r.token_entropies, token_self_certainty=r.token_self_certainty)
                 for r, t in zip(raw, truncated)]
 
     # -------------------------------------------------------------- routes
@@ -576,9 +581,9 @@ def _prompt_value(prompt: Any) -> Any:
     return prompt
 
 
-def create_app(verifier, config: ServerConfig | None = None) -> FastAPI:
-    """The service app around ``verifier`` (a local :class:`~cmerl.scoring.Verifier`, used as it is: the app
-    scores with a shallow copy whose engine floor is -9999 and applies the CME floor per request)."""
+def create_app(verifier: Verifier, config: ServerConfig | None = None) -> FastAPI:
+    """The service app around ``verifier`` (a local :class:`~cmerl.scoring.Verifier`, left unchanged: the
+    app asks it for raw log-probs, ``logprob_floor=-9999`` per call, and applies the CME floor per request)."""
     config = config or ServerConfig()
     if config.api_key is None:
         config.api_key = os.environ.get("CMERL_API_KEY") or None

@@ -16,7 +16,7 @@ from cmerl.training.config import (
     MARKER_NAME,
     METRICS_NAME,
     RUN_CARD_NAME,
-    Echo,
+    StatusPrinter,
     TrainConfig,
     config_to_yaml,
 )
@@ -94,11 +94,11 @@ class RichProgress(_trainer_callback_base()):
     """A rich progress bar (steps, elapsed, ETA) plus one line per logging step with the key metrics;
     ``label`` names the method on the bar (GRPO, DPO, DISTILL)."""
 
-    def __init__(self, echo: Echo | None = None, *, label: str = "GRPO"):
+    def __init__(self, print_status: StatusPrinter | None = None, *, label: str = "GRPO"):
         self.label = label
         self.progress = None
         self.task = None
-        self.echo = echo
+        self.print_status = print_status
         self.console = None
         self._last_time = None
         self._last_step = 0

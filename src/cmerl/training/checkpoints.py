@@ -1,21 +1,26 @@
 """Checkpoint folders (a marker file written last says a checkpoint is complete), ``metrics.jsonl``
-trimming on resume, and the run card with its reward curve."""
+trimming on resume, the run card with its reward curve, and what an evaluation reads from a run folder
+(its ``metrics.jsonl``, the system prompt it was trained with)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from cmerl.io import iter_jsonl, write_text_atomic
+from cmerl.plots import CurvePanel, plot_curves
 from cmerl.training.config import (
     CHECKPOINT_PREFIX,
+    CONFIG_NAME,
     CURVE_NAME,
     MARKER_NAME,
+    METRICS_NAME,
     RUN_CARD_NAME,
     TrainConfig,
     config_to_yaml,
@@ -84,19 +89,38 @@ def remove_incomplete_checkpoints(run_dir: str | Path) -> list[Path]:
 
 def truncate_metrics(path: Path, max_step: int) -> int:
     """Keep the rows of ``metrics.jsonl`` with ``step <= max_step`` (rewritten atomically); returns rows kept."""
-    from cmerl.io import iter_jsonl
-
     if not path.is_file():
         return 0
     rows = [r for r in iter_jsonl(path) if r.get("step", 0) <= max_step]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return len(rows)
 
 
+# ------------------------------------------------------------------------------------------ run folders
+def find_metrics(run_dir: str | Path) -> Path | None:
+    """``metrics.jsonl`` of a training run folder (itself or one level down), if any."""
+    p = Path(run_dir).expanduser()
+    if not p.is_dir():
+        return None
+    for cand in [p / METRICS_NAME, *sorted(p.glob(f"*/{METRICS_NAME}"))]:
+        if cand.is_file():
+            return cand
+    return None
+
+
+def training_system_prompt(run_dir: str | Path) -> str | None:
+    """The ``system_prompt`` of a training run's ``cmerl_config.yaml``, if there is one."""
+    cfg = Path(run_dir).expanduser() / CONFIG_NAME
+    if not cfg.is_file():
+        return None
+    try:
+        value = (yaml.safe_load(cfg.read_text()) or {}).get("system_prompt")
+    except (yaml.YAMLError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+# ------------------------------------------------------------------------------------------ run card
 def reward_curve(log_history: Sequence[dict]) -> list[dict]:
     """Rows of ``log_history`` that carry a reward: step, reward, per-function means, diagnostics."""
     keep = ("reward", "reward_std", "completions/mean_length", "diagnostics/distinct_2",
@@ -112,31 +136,14 @@ def reward_curve(log_history: Sequence[dict]) -> list[dict]:
 
 
 def plot_reward_curve(rows: Sequence[dict], path: Path) -> bool:
-    """PNG of reward and per-function means against step; False (no file) when there is nothing to plot."""
-    if not rows:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    keys = ["reward"] + sorted({k for r in rows for k in r if k.startswith("rewards/")})
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for k in keys:
-        pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, label=k)
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    """PNG of reward and per-function means (``rows`` of :func:`reward_curve`) against step, one panel;
+    False (no file) when there is nothing to plot."""
+    keys = ("reward", *sorted({k for r in rows for k in r if k.startswith("rewards/")}))
+    return plot_curves(rows, [CurvePanel(keys, ylabel="reward")], path, panel_size=(6, 3.5), dpi=100)
 
 
-def _fmt(v: Any) -> str:
+def _table_cell(v: Any) -> str:
+    """A value as a run-card table cell: empty for None, 4 significant digits for a float, else str."""
     if v is None:
         return ""
     if isinstance(v, float):
@@ -148,30 +155,6 @@ def baseline_curve(log_history: Sequence[dict], keys: Sequence[str]) -> list[dic
     """Rows of ``log_history`` that carry ``keys[0]`` (the dpo / distill loss): step and ``keys``."""
     return [{"step": e["step"], **{k: e[k] for k in keys if k in e}}
             for e in log_history if keys[0] in e and "step" in e]
-
-
-def plot_curve(rows: Sequence[dict], keys: Sequence[str], path: Path, *, ylabel: str) -> bool:
-    """PNG of ``keys`` against step, one panel each; False (no file) when there is nothing to plot."""
-    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
-    if not rows or not keys:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0), dpi=100, squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
-        ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None)
-        ax.set_title(k, fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(ylabel)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
 
 
 def write_run_card(folder: Path, cfg: TrainConfig, log_history: Sequence[dict], *, step: int) -> None:
@@ -214,7 +197,7 @@ def write_run_card(folder: Path, cfg: TrainConfig, log_history: Sequence[dict], 
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "---|" * len(cols))
         for r in shown:
-            lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+            lines.append("| " + " | ".join(_table_cell(r.get(c)) for c in cols) + " |")
     else:
         lines.append("(no logged steps yet)")
     lines += ["", "## Config", "", "```yaml", config_to_yaml(cfg).rstrip(), "```", ""]
@@ -226,7 +209,10 @@ def _write_baseline_card(folder: Path, cfg: TrainConfig, log_history: Sequence[d
     :data:`CURVE_METRICS` and the config."""
     keys = CURVE_METRICS[cfg.method]
     rows = baseline_curve(log_history, keys)
-    has_plot = plot_curve(rows, keys, folder / CURVE_NAME, ylabel=cfg.method)
+    plotted = [k for k in keys if any(r.get(k) is not None for r in rows)]  # one panel each, titled by key
+    panels = [CurvePanel((k,), title=k, ylabel=cfg.method if n == 0 else "", legend=False)
+              for n, k in enumerate(plotted)]
+    has_plot = plot_curves(rows, panels, folder / CURVE_NAME, panel_size=(3.2, 3.0), dpi=100, title_fontsize=9)
     cols = ["step"] + [k for k in keys if any(k in r for r in rows)]
     shown = rows if len(rows) <= 25 else [rows[round(i * (len(rows) - 1) / 24)] for i in range(25)]
     title = {"dpo": "DPO", "distill": "distill (SFT on the verifier's answers)"}[cfg.method]
@@ -237,7 +223,7 @@ def _write_baseline_card(folder: Path, cfg: TrainConfig, log_history: Sequence[d
     if shown:
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "---|" * len(cols))
-        lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in shown]
+        lines += ["| " + " | ".join(_table_cell(r.get(c)) for c in cols) + " |" for r in shown]
     else:
         lines.append("(no logged steps yet)")
     lines += ["", "## Config", "", "```yaml", config_to_yaml(cfg).rstrip(), "```", ""]

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
+from cmerl.configs import find_config
 from cmerl.training.reward_registry import REWARDS, get_reward
 
 #: What trains the policy (``method``): TRL's GRPOTrainer on the rewards, or one of the two baselines.
@@ -32,10 +33,11 @@ _MANAGED_TRL_FIELDS = ("output_dir", "save_strategy", "disable_tqdm", "reward_we
                        "remove_unused_columns", "logging_strategy", "max_prompt_length", "max_length",
                        "completion_only_loss")
 
-Echo = Callable[[str], None]
+#: Prints one status line for the user (e.g. ``rich.console.Console.print``); ``None`` where taken: quiet.
+StatusPrinter = Callable[[str], None]
 
 
-def _h(text: str) -> dict:
+def _documented(text: str) -> dict:
     return {"help": text}
 
 
@@ -45,174 +47,174 @@ class TrainConfig:
     """One GRPO run. Field names that exist in ``trl.GRPOConfig`` mean exactly what they mean there."""
 
     # --- models
-    policy: str = field(default="smollm2-135m-instruct", metadata=_h(
+    policy: str = field(default="smollm2-135m-instruct", metadata=_documented(
         "Policy model to train: packaged alias, local HF folder, .gguf file or Hugging Face hub id."))
-    policy_dtype: str = field(default="auto", metadata=_h(
+    policy_dtype: str = field(default="auto", metadata=_documented(
         "Dtype of the policy weights: auto (float32 on CPU; bfloat16 on GPUs that have it, then also set "
         "bf16: true), float32 or bfloat16."))
-    lora: bool = field(default=False, metadata=_h(
+    lora: bool = field(default=False, metadata=_documented(
         "Train LoRA adapters (PEFT) instead of all weights; final/ holds the merged model."))
-    lora_r: int = field(default=16, metadata=_h("LoRA rank."))
-    lora_alpha: int = field(default=32, metadata=_h("LoRA alpha (scaling = alpha / r)."))
-    lora_dropout: float = field(default=0.0, metadata=_h("Dropout on the LoRA branch."))
-    lora_target_modules: str | list[str] = field(default="all-linear", metadata=_h(
+    lora_r: int = field(default=16, metadata=_documented("LoRA rank."))
+    lora_alpha: int = field(default=32, metadata=_documented("LoRA alpha (scaling = alpha / r)."))
+    lora_dropout: float = field(default=0.0, metadata=_documented("Dropout on the LoRA branch."))
+    lora_target_modules: str | list[str] = field(default="all-linear", metadata=_documented(
         "Modules that get adapters: 'all-linear' or a list of module names (e.g. [q_proj, v_proj])."))
-    verifiers: list[str] = field(default_factory=lambda: ["qwen2.5-coder-0.5b-instruct"], metadata=_h(
+    verifiers: list[str] = field(default_factory=lambda: ["qwen2.5-coder-0.5b-instruct"], metadata=_documented(
         "Frozen verifier model(s) for the cme reward (several are averaged): model names, or http(s) URLs of "
         "a verifier server (remote scoring, cmerl.scoring.remote)."))
-    verifier_dtype: str = field(default="auto", metadata=_h(
+    verifier_dtype: str = field(default="auto", metadata=_documented(
         "Dtype of local verifier weights: auto (bfloat16 where the CPU/GPU runs it natively, ~2.5x faster on "
         "CPUs with AVX512-BF16; else float32, since emulated bf16 is 4-7x slower), float32 or bfloat16."))
-    verifier_batch_tokens: int = field(default=4096, metadata=_h(
+    verifier_batch_tokens: int = field(default=4096, metadata=_documented(
         "Token budget of one verifier forward batch (rows x padded length)."))
-    verifier_device: str | None = field(default=None, metadata=_h(
+    verifier_device: str | None = field(default=None, metadata=_documented(
         "Device of local verifiers (cpu, cuda, cuda:1); null = the training process's own device."))
-    allow_self_verification: bool = field(default=False, metadata=_h(
+    allow_self_verification: bool = field(default=False, metadata=_documented(
         "Allow a cme verifier that is the policy model itself (the self-referential ablation)."))
     # --- rewards
-    rewards: list[str] = field(default_factory=lambda: ["cme"], metadata=_h(
+    rewards: list[str] = field(default_factory=lambda: ["cme"], metadata=_documented(
         "Reward functions, summed with reward_weights: cme (verifier log-likelihood), reverse_kl (verifier minus "
         "policy log-likelihood), the self-referential baselines self_certainty, neg_entropy, self_likelihood, "
         "and any other registered reward (cmerl.training.reward_registry)."))
-    reward_weights: list[float] | None = field(default=None, metadata=_h(
+    reward_weights: list[float] | None = field(default=None, metadata=_documented(
         "One weight per reward (TRL reward_weights); default all 1.0."))
-    cme_signal: Literal["mean_logprob", "sum_logprob", "neg_entropy"] = field(default="mean_logprob", metadata=_h(
+    cme_signal: Literal["mean_logprob", "sum_logprob", "neg_entropy"] = field(default="mean_logprob", metadata=_documented(
         "What the cme reward reads from the verifier: mean_logprob (the paper's CME), sum_logprob, or "
         "neg_entropy (negative mean verifier entropy)."))
-    pmi_lambda: float = field(default=1.0, metadata=_h(
+    pmi_lambda: float = field(default=1.0, metadata=_documented(
         "cme_pmi: weight in [0, 1] of the content-free instruction's log-likelihood subtracted per token "
         "(1 = pointwise mutual information, 0 = plain CME)."))
-    pmi_null_prompt: str = field(default="Write a response.", metadata=_h(
+    pmi_null_prompt: str = field(default="Write a response.", metadata=_documented(
         "cme_pmi: the content-free instruction x0, rendered with the same template (system turns kept)."))
-    baseline_scorer: Literal["policy", "frozen"] = field(default="policy", metadata=_h(
+    baseline_scorer: Literal["policy", "frozen"] = field(default="policy", metadata=_documented(
         "Model behind the self-referential baselines: the live policy being trained, or a frozen copy of "
         "its initial weights (loaded once more, in verifier_dtype)."))
-    repetition_guard: bool = field(default=True, metadata=_h(
+    repetition_guard: bool = field(default=True, metadata=_documented(
         "Give completions dominated by repeated n-grams the combined reward repetition_floor (the other rewards "
         "do not apply to them, whatever their weights)."))
-    repetition_ngram: int = field(default=4, metadata=_h("n of the repetition guard's n-grams (tokens)."))
-    repetition_max_share: float = field(default=0.5, metadata=_h(
+    repetition_ngram: int = field(default=4, metadata=_documented("n of the repetition guard's n-grams (tokens)."))
+    repetition_max_share: float = field(default=0.5, metadata=_documented(
         "A completion whose share of repeated n-grams exceeds this is degenerate."))
-    repetition_floor: float = field(default=-20.0, metadata=_h(
+    repetition_floor: float = field(default=-20.0, metadata=_documented(
         "Reward given to degenerate completions (reward units; -20 is the scoring engine's log-prob floor)."))
     # --- dense rewards (docs/training.md "Dense rewards")
-    dense: bool = field(default=False, metadata=_h(
+    dense: bool = field(default=False, metadata=_documented(
         "Also compute per-token cme rewards for every policy completion token, from the same verifier pass "
         "(verifier tokens aligned onto policy tokens by character offsets), and train with DenseGRPOTrainer."))
     advantage_estimator: Literal["scalar", "position_std", "position_mean", "return_to_go"] = field(
-        default="scalar", metadata=_h(
+        default="scalar", metadata=_documented(
             "dense: how per-token advantages are formed: scalar (TRL's GRPO advantage on every token, as "
             "without dense), position_std / position_mean (per-position normalisation across the group), or "
             "return_to_go (reward-to-go, normalised per position across the group)."))
     # --- data
-    prompts: str = field(default="ultrafeedback", metadata=_h(
+    prompts: str = field(default="ultrafeedback", metadata=_documented(
         "Prompt set: 'ultrafeedback' or 'alpaca_eval' (bundled), a local .jsonl/.json/.parquet file, or a "
         "Hugging Face dataset id."))
-    prompt_column: str = field(default="prompt", metadata=_h(
+    prompt_column: str = field(default="prompt", metadata=_documented(
         "Column holding the prompt (a string or a chat message list) in files and hub datasets."))
-    prompt_split: str = field(default="train", metadata=_h("Split of a hub dataset."))
-    max_prompts: int | None = field(default=None, metadata=_h(
+    prompt_split: str = field(default="train", metadata=_documented("Split of a hub dataset."))
+    max_prompts: int | None = field(default=None, metadata=_documented(
         "Use only the first N prompts that fit (after holding out heldout_prompts); null = all."))
-    heldout_prompts: int = field(default=0, metadata=_h(
+    heldout_prompts: int = field(default=0, metadata=_documented(
         "Keep the last N fitting prompts out of training (the demo shows them before/after)."))
-    max_prompt_length: int = field(default=512, metadata=_h(
+    max_prompt_length: int = field(default=512, metadata=_documented(
         "Prompts longer than this many tokens (policy chat template included) are dropped, with a count "
         "printed; never truncated."))
-    system_prompt: str | None = field(default=None, metadata=_h(
+    system_prompt: str | None = field(default=None, metadata=_documented(
         "System turn added to every policy prompt (chat-template policies); null = the template's default. "
         "Verifiers score against the prompt without it."))
     # --- maths (the cme_answer and correctness rewards; see docs/reasoning.md)
-    answer_column: str | None = field(default=None, metadata=_h(
+    answer_column: str | None = field(default=None, metadata=_documented(
         "Column of gold final answers in a prompt file or hub dataset (for the correctness reward); maths "
         "sets (gsm8k_train, gsm8k, math500, openai/gsm8k, ...) bring their own."))
-    answer_format: Literal["auto", "boxed", "gsm8k"] = field(default="auto", metadata=_h(
+    answer_format: Literal["auto", "boxed", "gsm8k"] = field(default="auto", metadata=_documented(
         "Where a completion's final answer is: boxed (last \\boxed{...}), gsm8k (number after the last "
         "####), or auto (whichever comes last)."))
-    answer_weight: float = field(default=1.0, metadata=_h(
+    answer_weight: float = field(default=1.0, metadata=_documented(
         "cme_answer: weight w of the answer span; reward = w x answer-span mean + (1 - w) x whole-response "
         "mean of the verifier signal (1 = answer span only, 0 = whole response)."))
-    missing_answer_penalty: float = field(default=5.0, metadata=_h(
+    missing_answer_penalty: float = field(default=5.0, metadata=_documented(
         "cme_answer: subtracted (reward units, nats) from a completion without a final answer, whose answer "
         "term is also the log-prob floor (-20)."))
     # --- GRPO (trl.GRPOConfig fields, same names and meaning)
-    num_generations: int = field(default=4, metadata=_h(
+    num_generations: int = field(default=4, metadata=_documented(
         "Completions sampled per prompt (the GRPO group size G)."))
-    max_completion_length: int = field(default=128, metadata=_h("Maximum tokens per completion."))
-    temperature: float = field(default=1.0, metadata=_h("Sampling temperature."))
-    top_p: float = field(default=1.0, metadata=_h("Nucleus sampling threshold."))
-    learning_rate: float = field(default=1e-6, metadata=_h("AdamW learning rate."))
-    lr_scheduler_type: str = field(default="constant", metadata=_h(
+    max_completion_length: int = field(default=128, metadata=_documented("Maximum tokens per completion."))
+    temperature: float = field(default=1.0, metadata=_documented("Sampling temperature."))
+    top_p: float = field(default=1.0, metadata=_documented("Nucleus sampling threshold."))
+    learning_rate: float = field(default=1e-6, metadata=_documented("AdamW learning rate."))
+    lr_scheduler_type: str = field(default="constant", metadata=_documented(
         "Learning-rate schedule (transformers name; cmerl defaults to constant so extending max_steps on "
         "resume does not change the past)."))
-    beta: float = field(default=0.0, metadata=_h("KL coefficient against the reference model (0 = no KL, no ref model)."))
+    beta: float = field(default=0.0, metadata=_documented("KL coefficient against the reference model (0 = no KL, no ref model)."))
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = field(
-        default="dapo", metadata=_h("GRPO loss aggregation (TRL loss_type)."))
-    scale_rewards: Literal["group", "batch", "none"] = field(default="group", metadata=_h(
+        default="dapo", metadata=_documented("GRPO loss aggregation (TRL loss_type)."))
+    scale_rewards: Literal["group", "batch", "none"] = field(default="group", metadata=_documented(
         "Advantage scaling: by the group's reward std, the batch's, or none."))
-    max_steps: int = field(default=100, metadata=_h("Optimizer steps to train for."))
-    per_device_train_batch_size: int = field(default=8, metadata=_h(
+    max_steps: int = field(default=100, metadata=_documented("Optimizer steps to train for."))
+    per_device_train_batch_size: int = field(default=8, metadata=_documented(
         "Completions per device per step; x processes x gradient_accumulation_steps must be divisible by "
         "num_generations."))
-    gradient_accumulation_steps: int = field(default=1, metadata=_h("Micro-batches per optimizer step."))
-    seed: int = field(default=42, metadata=_h("Seed of data order, LoRA init and sampling."))
-    mask_truncated_completions: bool = field(default=True, metadata=_h(
+    gradient_accumulation_steps: int = field(default=1, metadata=_documented("Micro-batches per optimizer step."))
+    seed: int = field(default=42, metadata=_documented("Seed of data order, LoRA init and sampling."))
+    mask_truncated_completions: bool = field(default=True, metadata=_documented(
         "Leave completions that hit max_completion_length without EOS out of the loss (anti-gaming)."))
-    bf16: bool = field(default=False, metadata=_h("bf16 mixed precision (GPUs)."))
-    gradient_checkpointing: bool = field(default=False, metadata=_h(
+    bf16: bool = field(default=False, metadata=_documented("bf16 mixed precision (GPUs)."))
+    gradient_checkpointing: bool = field(default=False, metadata=_documented(
         "Recompute activations in the backward pass to save memory (TRL defaults to true; cmerl to false "
         "because the small CPU models do not need it)."))
-    use_vllm: bool = field(default=False, metadata=_h("Generate with vLLM (GPU; see vllm_mode)."))
-    vllm_mode: Literal["colocate", "server"] = field(default="colocate", metadata=_h(
+    use_vllm: bool = field(default=False, metadata=_documented("Generate with vLLM (GPU; see vllm_mode)."))
+    vllm_mode: Literal["colocate", "server"] = field(default="colocate", metadata=_documented(
         "colocate: vLLM inside each training process; server: a separate `trl vllm-serve` / `vllm serve`."))
-    vllm_server_base_url: str | None = field(default=None, metadata=_h("Base URL of the vLLM server (server mode)."))
-    vllm_gpu_memory_utilization: float = field(default=0.3, metadata=_h("GPU memory share of colocated vLLM."))
+    vllm_server_base_url: str | None = field(default=None, metadata=_documented("Base URL of the vLLM server (server mode)."))
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata=_documented("GPU memory share of colocated vLLM."))
     # --- baselines (method dpo or distill; docs/training.md "Baselines")
-    method: Literal["grpo", "dpo", "distill"] = field(default="grpo", metadata=_h(
+    method: Literal["grpo", "dpo", "distill"] = field(default="grpo", metadata=_documented(
         "What trains the policy: grpo (GRPOTrainer on `rewards`), dpo (DPOTrainer on the prompt/chosen/rejected "
         "rows of `prompts`), or distill (SFTTrainer on the first verifier's own answers to the training prompts; "
         "`cmerl distill`). Steps, batch, learning rate, LoRA and checkpoints come from the same keys."))
-    dpo_beta: float = field(default=0.1, metadata=_h(
+    dpo_beta: float = field(default=0.1, metadata=_documented(
         "dpo: TRL DPOConfig.beta, the strength of the implicit KL penalty to the initial policy."))
-    chosen_column: str = field(default="chosen", metadata=_h(
+    chosen_column: str = field(default="chosen", metadata=_documented(
         "dpo: column of the preferred response (a string or an assistant message list)."))
-    rejected_column: str = field(default="rejected", metadata=_h(
+    rejected_column: str = field(default="rejected", metadata=_documented(
         "dpo: column of the dispreferred response."))
-    distill_samples: int = field(default=1, metadata=_h(
+    distill_samples: int = field(default=1, metadata=_documented(
         "distill: verifier answers sampled per training prompt."))
-    distill_temperature: float = field(default=0.7, metadata=_h(
+    distill_temperature: float = field(default=0.7, metadata=_documented(
         "distill: sampling temperature of the verifier's answers (0 = greedy)."))
-    distill_top_p: float = field(default=0.95, metadata=_h(
+    distill_top_p: float = field(default=0.95, metadata=_documented(
         "distill: nucleus sampling threshold of the verifier's answers."))
-    distill_batch_size: int = field(default=8, metadata=_h(
+    distill_batch_size: int = field(default=8, metadata=_documented(
         "distill: prompts per verifier generation batch (a speed knob, not a recorded setting: a resumed run "
         "may change it)."))
     # --- held-out evaluation (docs/training.md "Held-out evaluation")
-    heldout_eval_steps: int = field(default=0, metadata=_h(
+    heldout_eval_steps: int = field(default=0, metadata=_documented(
         "Every N steps, generate on a fixed held-out prompt split, judge against the step-0 outputs and keep "
         "best/ by that win rate (0 = off)."))
-    heldout_eval_prompts: str | None = field(default=None, metadata=_h(
+    heldout_eval_prompts: str | None = field(default=None, metadata=_documented(
         "Held-out prompt set (bundled name, file, slice like f.jsonl[:40]); null = the run's heldout_prompts. "
         "It may share no prompt with the training prompts or with heldout_eval_exclude (checked, refused)."))
-    heldout_eval_n: int = field(default=40, metadata=_h("Held-out prompts used (the first N of the split)."))
-    heldout_eval_judge: str = field(default="qwen2.5-coder-1.5b-instruct", metadata=_h(
+    heldout_eval_n: int = field(default=40, metadata=_documented("Held-out prompts used (the first N of the split)."))
+    heldout_eval_judge: str = field(default="qwen2.5-coder-1.5b-instruct", metadata=_documented(
         "Judge of the held-out evaluation (a cmerl judge name, as in cmerl judge --judge)."))
-    heldout_eval_max_new_tokens: int = field(default=256, metadata=_h(
+    heldout_eval_max_new_tokens: int = field(default=256, metadata=_documented(
         "Most tokens generated per held-out prompt (greedy)."))
-    heldout_eval_exclude: list[str] = field(default_factory=lambda: ["alpaca_eval"], metadata=_h(
+    heldout_eval_exclude: list[str] = field(default_factory=lambda: ["alpaca_eval"], metadata=_documented(
         "Evaluation prompt sets the held-out split must not overlap (the prompts you report on)."))
     # --- logging and checkpoints
-    output_dir: str = field(default="runs/cme-grpo", metadata=_h(
+    output_dir: str = field(default="runs/cme-grpo", metadata=_documented(
         "Run directory: metrics.jsonl, completions, TensorBoard events, checkpoint-N/, final/."))
-    logging_steps: int = field(default=1, metadata=_h("Log metrics (and write metrics.jsonl) every N steps."))
-    save_steps: int = field(default=50, metadata=_h("Write a checkpoint every N steps (and always at the end)."))
-    save_total_limit: int | None = field(default=2, metadata=_h("Keep at most N checkpoints; null = all."))
-    log_completions: bool = field(default=True, metadata=_h(
+    logging_steps: int = field(default=1, metadata=_documented("Log metrics (and write metrics.jsonl) every N steps."))
+    save_steps: int = field(default=50, metadata=_documented("Write a checkpoint every N steps (and always at the end)."))
+    save_total_limit: int | None = field(default=2, metadata=_documented("Keep at most N checkpoints; null = all."))
+    log_completions: bool = field(default=True, metadata=_documented(
         "Save TRL's completions table (prompt, completion, rewards, advantage) to RUN_DIR/completions/."))
-    num_completions_to_print: int = field(default=0, metadata=_h(
+    num_completions_to_print: int = field(default=0, metadata=_documented(
         "Completions printed as a table at each logging step (0 = none)."))
-    report_to: list[str] | None = field(default=None, metadata=_h(
+    report_to: list[str] | None = field(default=None, metadata=_documented(
         "transformers report_to integrations; null = tensorboard when installed, else none."))
-    trl: dict[str, Any] = field(default_factory=dict, metadata=_h(
+    trl: dict[str, Any] = field(default_factory=dict, metadata=_documented(
         "Any other trl.GRPOConfig field, by its TRL name (e.g. {top_k: 50, warmup_steps: 10, epsilon_high: 0.28}); "
         "trl.DPOConfig / trl.SFTConfig fields for method dpo / distill."))
 
@@ -385,10 +387,9 @@ def apply_overrides(cfg: TrainConfig, overrides: Sequence[str], *, source: str =
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a YAML config, apply ``--set`` overrides and :func:`validate` it (nothing is loaded)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {p}")
+    """Read a YAML config (a file, or a packaged config name such as ``demo``: :func:`cmerl.configs.find_config`),
+    apply ``--set`` overrides and :func:`validate` it (nothing is loaded)."""
+    p = find_config(path)
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:

@@ -32,7 +32,7 @@ from cmerl.data import PromptSet, load_prompt_set, to_policy_prompt
 from cmerl.fingerprint import model_fingerprint
 from cmerl.generation import GenerationConfig, PromptItem, generate_outputs, outputs_complete
 from cmerl.io import read_records
-from cmerl.training.config import TEACHER_OUTPUTS_NAME, ConfigError, Echo, TrainConfig
+from cmerl.training.config import TEACHER_OUTPUTS_NAME, ConfigError, StatusPrinter, TrainConfig
 
 
 def teacher_outputs_path(cfg: TrainConfig) -> Path:
@@ -62,7 +62,7 @@ def teacher_items(cfg: TrainConfig, prompt_set: PromptSet) -> list[PromptItem]:
 
 
 def ensure_teacher_outputs(cfg: TrainConfig, policy_tokenizer, *, progress: bool = False,
-                           echo: Echo | None = None) -> list[dict]:
+                           print_status: StatusPrinter | None = None) -> list[dict]:
     """Generate whatever is missing of ``RUN_DIR/teacher_outputs.json`` (see the module docstring) and
     return its rows for the training prompts, in item order. Loads the verifier only when something is
     missing, and frees it afterwards. Raises :class:`ConfigError` when the file holds answers made with
@@ -76,16 +76,16 @@ def ensure_teacher_outputs(cfg: TrainConfig, policy_tokenizer, *, progress: bool
     if outputs_complete(output, items, generator=teacher, config=generation, model_fingerprint=weights):
         rows, _ = read_records(output)
         by_index = {int(r["index"]): r for _, r in rows}
-        if echo:
-            echo(f"teacher answers: {len(items)} already in {output}")
+        if print_status:
+            print_status(f"teacher answers: {len(items)} already in {output}")
         return [by_index[it.index] for it in items]
     from accelerate import PartialState
 
     from cmerl.models import load_model
 
     device = cfg.verifier_device or str(PartialState().device)
-    if echo:
-        echo(f"teacher answers: {cfg.distill_samples} per prompt for {len(prompt_set.prompts)} prompts from "
+    if print_status:
+        print_status(f"teacher answers: {cfg.distill_samples} per prompt for {len(prompt_set.prompts)} prompts from "
              f"{teacher} -> {output}")
     model, tokenizer = load_model(teacher, dtype=cfg.verifier_dtype, device=device, role="teacher")
     try:

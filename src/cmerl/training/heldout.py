@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmerl.training.config import Echo, TrainConfig
+from cmerl.training.config import StatusPrinter, TrainConfig
 
 BEST_DIR = "best"
 BEST_MARKER = "cmerl_best.json"
@@ -111,13 +111,13 @@ class HeldOutEval(_callback_base()):
     on the first evaluation (default: :func:`cmerl.judge_modes.build_judge` of ``heldout_eval_judge``)."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, split: HeldOutSplit, tokenizer, *,
-                 echo: Echo | None = None, judge_factory: Callable[[], object] | None = None):
+                 print_status: StatusPrinter | None = None, judge_factory: Callable[[], object] | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / HELDOUT_DIR
         self.split = split
         self.tokenizer = tokenizer
-        self.echo = echo
+        self.print_status = print_status
         self.judge_factory = judge_factory
         self._judge = None
         from cmerl.generation import GenerationConfig, PromptItem
@@ -128,8 +128,8 @@ class HeldOutEval(_callback_base()):
 
     # -- helpers
     def _say(self, text: str) -> None:
-        if self.echo:
-            self.echo(text)
+        if self.print_status:
+            self.print_status(text)
 
     def _generate(self, model, step: int) -> Path:
         from cmerl.generation import generate_outputs
@@ -186,9 +186,9 @@ class HeldOutEval(_callback_base()):
 
     def evaluate(self, model, step: int) -> dict:
         """Generate at ``step``, judge against step 0, record, and refresh ``best/`` when it is the best."""
-        from cmerl.evaluation import summarize_verdicts
         from cmerl.io import append_jsonl
         from cmerl.judging import DecisionRule, load_pairs, run_judge, verdicts_header
+        from cmerl.winrates import summarize_verdicts
 
         outputs = self._generate(model, step)
         pairs, _ = load_pairs(outputs, self.dir / "outputs_step0.json")

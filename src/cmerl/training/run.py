@@ -28,8 +28,8 @@ from cmerl.training.config import (
     MARKER_NAME,
     METRICS_NAME,
     RESUME_OVERRIDABLE,
-    Echo,
     RunDirExistsError,
+    StatusPrinter,
     TrainConfig,
     apply_overrides,
     config_from_dict,
@@ -90,7 +90,7 @@ def _wait_for_everyone() -> None:
     PartialState().wait_for_everyone()
 
 
-def prepare_run_dir(cfg: TrainConfig, *, resume: bool, echo: Echo | None = None) -> Path | None:
+def prepare_run_dir(cfg: TrainConfig, *, resume: bool, print_status: StatusPrinter | None = None) -> Path | None:
     """Check the run directory and return the checkpoint to resume from (None = from step 0).
 
     New run: refuses a directory that already holds checkpoints or metrics (:class:`RunDirExistsError`).
@@ -110,8 +110,8 @@ def prepare_run_dir(cfg: TrainConfig, *, resume: bool, echo: Echo | None = None)
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             for p in remove_incomplete_checkpoints(run_dir):
-                if echo:
-                    echo(f"removed incomplete checkpoint {p} (no {MARKER_NAME} marker)")
+                if print_status:
+                    print_status(f"removed incomplete checkpoint {p} (no {MARKER_NAME} marker)")
             truncate_metrics(run_dir / METRICS_NAME, checkpoint_step(ckpt) if ckpt else 0)
         (run_dir / CONFIG_NAME).write_text(config_to_yaml(cfg), encoding="utf-8")
     _wait_for_everyone()
@@ -119,7 +119,7 @@ def prepare_run_dir(cfg: TrainConfig, *, resume: bool, echo: Echo | None = None)
 
 
 def build_session(cfg: TrainConfig, *, resume_from: Path | None = None, progress: bool = False,
-                  echo: Echo | None = None) -> TrainingSession:
+                  print_status: StatusPrinter | None = None) -> TrainingSession:
     """Load tokenizer, prompts, policy and verifiers, and build the ``GRPOTrainer`` with cmerl's callbacks
     (``method: dpo`` / ``distill``: the baseline's trainer, see :func:`build_baseline_session`)."""
     from accelerate import PartialState
@@ -129,44 +129,44 @@ def build_session(cfg: TrainConfig, *, resume_from: Path | None = None, progress
     from cmerl.models import load_model, load_tokenizer
 
     if cfg.method != "grpo":
-        return build_baseline_session(cfg, resume_from=resume_from, progress=progress, echo=echo)
+        return build_baseline_session(cfg, resume_from=resume_from, progress=progress, print_status=print_status)
     args = grpo_args(cfg)
     state = PartialState()
     rank = f"(rank {state.process_index} of {state.num_processes}) " if state.num_processes > 1 else ""
 
-    def say(text: str, *, every_rank: bool = False) -> None:
-        if echo is not None and (every_rank or state.is_main_process):
-            echo(rank + text if every_rank else text)
+    def emit_status(text: str, *, every_rank: bool = False) -> None:
+        if print_status is not None and (every_rank or state.is_main_process):
+            print_status(rank + text if every_rank else text)
 
     tokenizer = load_tokenizer(cfg.policy)
     prompt_set = load_prompt_set(cfg.prompts, tokenizer, column=cfg.prompt_column, split=cfg.prompt_split,
                                  max_prompt_length=cfg.max_prompt_length, max_prompts=cfg.max_prompts,
                                  heldout=cfg.heldout_prompts, system_prompt=cfg.system_prompt,
                                  answer_column=cfg.answer_column)
-    say(prompt_set.summary())
+    emit_status(prompt_set.summary())
     split = None
     if cfg.heldout_eval_steps:  # checked before any model loads: an overlapping split is refused
         from cmerl.training.heldout import heldout_split
 
         split = heldout_split(cfg, prompt_set.prompts, prompt_set.heldout)
-        say(f"held-out evaluation every {cfg.heldout_eval_steps} steps on {len(split.instructions)} prompts of "
+        emit_status(f"held-out evaluation every {cfg.heldout_eval_steps} steps on {len(split.instructions)} prompts of "
             f"{split.name} (judge {cfg.heldout_eval_judge}); best/ keeps the best win rate vs step 0")
     dataset = to_dataset(prompt_set, tokenizer, cfg.system_prompt)
-    say(f"loading policy {cfg.policy} ...")
+    emit_status(f"loading policy {cfg.policy} ...")
     policy, _ = load_model(cfg.policy, dtype=cfg.policy_dtype, trained=True, role="policy",
                            show_progress=progress)  # logs "policy <name>: <dtype> (<why>)"
     eos_ids = _eos_ids(policy, tokenizer)
-    say("loading reward models: " + ", ".join(
+    emit_status("loading reward models: " + ", ".join(
         (f"{r} <- {', '.join(cfg.verifiers)} ({cfg.verifier_dtype})" if r in REWARDS and REWARDS[r].uses_verifiers
          else r) for r in cfg.rewards), every_rank=True)
     rewards = build_rewards(cfg, policy, tokenizer, eos_ids=eos_ids)
     peft_config = lora_config(cfg)
     run_dir = Path(cfg.output_dir)
-    callbacks = _callbacks(cfg, run_dir, progress=progress, echo=echo)
+    callbacks = _callbacks(cfg, run_dir, progress=progress, print_status=print_status)
     if split is not None:
         from cmerl.training.heldout import HeldOutEval
 
-        callbacks.append(HeldOutEval(cfg, run_dir, split, tokenizer, echo=echo))
+        callbacks.append(HeldOutEval(cfg, run_dir, split, tokenizer, print_status=print_status))
     trainer_cls, dense_kwargs = GRPOTrainer, {}
     if cfg.dense:  # per-token advantages (docs/training.md "Dense rewards")
         from cmerl.training.dense import DenseGRPOTrainer
@@ -209,11 +209,11 @@ def lora_config(cfg: TrainConfig):
                       target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
 
 
-def _callbacks(cfg: TrainConfig, run_dir: Path, *, progress: bool, echo: Echo | None) -> list:
+def _callbacks(cfg: TrainConfig, run_dir: Path, *, progress: bool, print_status: StatusPrinter | None) -> list:
     """cmerl's trainer callbacks, the same for every method: metrics.jsonl, checkpoint finalisation, progress."""
     callbacks = [MetricsLogger(run_dir), CheckpointFinalizer(cfg, run_dir)]
     if progress:
-        callbacks.append(RichProgress(echo, label=cfg.method.upper()))
+        callbacks.append(RichProgress(print_status, label=cfg.method.upper()))
     return callbacks
 
 
@@ -226,7 +226,7 @@ def _remove_console_callbacks(trainer) -> None:
 
 
 def build_baseline_session(cfg: TrainConfig, *, resume_from: Path | None = None, progress: bool = False,
-                           echo: Echo | None = None) -> TrainingSession:
+                           print_status: StatusPrinter | None = None) -> TrainingSession:
     """``method: dpo``: TRL's ``DPOTrainer`` on the prompt/chosen/rejected rows of ``cfg.prompts`` (the
     reference is a frozen copy of the initial policy; with LoRA, the base with the adapter disabled).
     ``method: distill``: TRL's ``SFTTrainer`` (completion-only loss) on ``RUN_DIR/teacher_outputs.json``
@@ -242,9 +242,9 @@ def build_baseline_session(cfg: TrainConfig, *, resume_from: Path | None = None,
     args = trainer_args(cfg)
     is_main = _main_process()
 
-    def say(text: str) -> None:
-        if echo is not None and is_main:
-            echo(text)
+    def emit_status(text: str) -> None:
+        if print_status is not None and is_main:
+            print_status(text)
 
     tokenizer = load_tokenizer(cfg.policy)
     if cfg.method == "dpo":
@@ -252,18 +252,18 @@ def build_baseline_session(cfg: TrainConfig, *, resume_from: Path | None = None,
             cfg.prompts, tokenizer, column=cfg.prompt_column, chosen_column=cfg.chosen_column,
             rejected_column=cfg.rejected_column, split=cfg.prompt_split, max_prompt_length=cfg.max_prompt_length,
             max_prompts=cfg.max_prompts, heldout=cfg.heldout_prompts, system_prompt=cfg.system_prompt)
-        say(f"{prompt_set.summary()}: {len(pairs)} preference pairs ({cfg.chosen_column} vs {cfg.rejected_column})")
+        emit_status(f"{prompt_set.summary()}: {len(pairs)} preference pairs ({cfg.chosen_column} vs {cfg.rejected_column})")
         dataset = to_preference_dataset(pairs, tokenizer, cfg.system_prompt)
     else:
         prompt_set, dataset, counts = teacher_dataset(cfg, tokenizer)
-        say(f"{prompt_set.summary()}: {counts['answers']} teacher answers, {counts['cut']} cut to "
+        emit_status(f"{prompt_set.summary()}: {counts['answers']} teacher answers, {counts['cut']} cut to "
             f"{cfg.max_completion_length} policy tokens, {counts['length']} stopped by the verifier's token limit")
-    say(f"loading policy {cfg.policy} ...")
+    emit_status(f"loading policy {cfg.policy} ...")
     policy, _ = load_model(cfg.policy, dtype=cfg.policy_dtype, trained=True, role="policy",
                            show_progress=progress)  # logs "policy <name>: <dtype> (<why>)"
     run_dir = Path(cfg.output_dir)
     peft_config = lora_config(cfg)
-    callbacks = _callbacks(cfg, run_dir, progress=progress, echo=echo)
+    callbacks = _callbacks(cfg, run_dir, progress=progress, print_status=print_status)
     if cfg.method == "dpo":
         # TRL would rebuild the reference from model.config's name, which for cmerl's model names (packaged
         # aliases, GGUF files) is no from_pretrained path: hand it a frozen copy of the initial weights.
@@ -278,7 +278,7 @@ def build_baseline_session(cfg: TrainConfig, *, resume_from: Path | None = None,
                            prompt_set=prompt_set, rewards=[], resume_from=resume_from)
 
 
-def prepare_teacher_outputs(cfg: TrainConfig, *, progress: bool = False, echo: Echo | None = None) -> None:
+def prepare_teacher_outputs(cfg: TrainConfig, *, progress: bool = False, print_status: StatusPrinter | None = None) -> None:
     """``method: distill``: generate whatever is missing of the verifier's answers (main process; the
     others wait), before the SFT session is built. A no-op for the other methods."""
     if cfg.method != "distill":
@@ -286,7 +286,7 @@ def prepare_teacher_outputs(cfg: TrainConfig, *, progress: bool = False, echo: E
     from cmerl.models import load_tokenizer
 
     if _main_process():
-        ensure_teacher_outputs(cfg, load_tokenizer(cfg.policy), progress=progress, echo=echo)
+        ensure_teacher_outputs(cfg, load_tokenizer(cfg.policy), progress=progress, print_status=print_status)
     _wait_for_everyone()
 
 
@@ -326,28 +326,28 @@ def save_final(session: TrainingSession) -> Path | None:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = False,
-          echo: Echo | None = None) -> TrainResult:
+          print_status: StatusPrinter | None = None) -> TrainResult:
     """Run (or, with ``resume=True``, continue) the GRPO run described by ``cfg``; see the module docstring.
 
     ``cfg`` must have passed :func:`validate`. Resuming continues from the last complete checkpoint in
     ``cfg.output_dir`` with the same data order and RNG state; from step 0 if there is none.
     """
-    session = start(cfg, resume=resume, progress=progress, echo=echo)
-    return finish(session, echo=echo)
+    session = start(cfg, resume=resume, progress=progress, print_status=print_status)
+    return finish(session, print_status=print_status)
 
 
 def start(cfg: TrainConfig, *, resume: bool = False, progress: bool = False,
-          echo: Echo | None = None) -> TrainingSession:
+          print_status: StatusPrinter | None = None) -> TrainingSession:
     """Prepare the run directory and build the session (no training yet)."""
-    ckpt = prepare_run_dir(cfg, resume=resume, echo=echo)
-    if echo and resume:
-        echo(f"resuming from {ckpt} (step {checkpoint_step(ckpt)})" if ckpt else
+    ckpt = prepare_run_dir(cfg, resume=resume, print_status=print_status)
+    if print_status and resume:
+        print_status(f"resuming from {ckpt} (step {checkpoint_step(ckpt)})" if ckpt else
              f"no complete checkpoint in {cfg.output_dir}; starting from step 0")
-    prepare_teacher_outputs(cfg, progress=progress, echo=echo)
-    return build_session(cfg, resume_from=ckpt, progress=progress, echo=echo)
+    prepare_teacher_outputs(cfg, progress=progress, print_status=print_status)
+    return build_session(cfg, resume_from=ckpt, progress=progress, print_status=print_status)
 
 
-def finish(session: TrainingSession, *, echo: Echo | None = None) -> TrainResult:
+def finish(session: TrainingSession, *, print_status: StatusPrinter | None = None) -> TrainResult:
     """Train to ``max_steps`` (from the session's checkpoint, if any) and write ``final/``."""
     trainer = session.trainer
     trainer.train(resume_from_checkpoint=str(session.resume_from) if session.resume_from else None)
@@ -355,8 +355,8 @@ def finish(session: TrainingSession, *, echo: Echo | None = None) -> TrainResult
     _wait_for_everyone()
     result = TrainResult(run_dir=session.run_dir, final_dir=final, last_checkpoint=latest_checkpoint(session.run_dir),
                          global_step=trainer.state.global_step, metrics_path=session.run_dir / METRICS_NAME)
-    if echo and session.is_main_process:
-        echo(f"trained to step {result.global_step}; checkpoint {result.last_checkpoint}; final model {final}")
+    if print_status and session.is_main_process:
+        print_status(f"trained to step {result.global_step}; checkpoint {result.last_checkpoint}; final model {final}")
     return result
 
 
