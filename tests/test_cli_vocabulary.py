@@ -84,8 +84,7 @@ def test_shared_option_groups_read_the_same_everywhere():
 def test_old_and_new_spellings_give_the_same_result_and_conflicts_are_usage_errors(tmp_path):
     from cmerl.judging.run import VERDICTS_KIND
 
-    header = {"kind": VERDICTS_KIND, "judge": {"name": "some-judge", "settings": {}}, "decision": {},
-              "prompt": {"sha256": "0" * 64}}
+    header = {"kind": VERDICTS_KIND, "judge": {"name": "some-judge", "settings": {}}, "decision": {}}
     rows = [header] + [{"index": i, "verdict": v, "consistent": True, "len_a": 10 + i, "len_b": 12}
                        for i, v in enumerate(["a", "b", "tie", "a", "a", "b"])]
     verdicts = tmp_path / "verdicts.jsonl"

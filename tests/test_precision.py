@@ -172,3 +172,28 @@ def test_judge_logprobs_equal_a_float64_head_in_both_dtypes(smollm_tokenizer, ti
             logp = torch.log_softmax(h.double() @ model.lm_head.weight.double().T, dim=-1)
         assert r.logprob_A == pytest.approx(float(logp[ia]), abs=1e-4)
         assert r.logprob_B == pytest.approx(float(logp[ib]), abs=1e-4)
+
+
+#: torch's own switches that make an AVX-512 CPU run its AVX2 kernels (oneDNN, ATen, MKL): the closest this
+#: machine gets to a CPU without native bf16 (docs/core.md "Precision").
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def test_auto_picks_float32_where_the_cpu_runs_only_avx2_kernels():
+    """Not injected: a child process restricted to AVX2 kernels answers the capability query and resolves
+    `auto` by itself (on an AVX2-only machine the restriction changes nothing)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, torch; from cmerl.precision import cpu_bf16_support, resolve_dtype; "
+            "s = cpu_bf16_support(); print(json.dumps({'native': s.native, 'source': s.source, "
+            "'auto': str(resolve_dtype('auto', device='cpu', trained=False).dtype), "
+            "'capability': torch.backends.cpu.get_cpu_capability()}))")
+    env = {k: v for k, v in os.environ.items() if k != precision.ENV_CPU_BF16}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **AVX2_ONLY, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=120, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["capability"] in ("AVX2", "DEFAULT")
+    assert got == {**got, "native": False, "auto": "torch.float32"}

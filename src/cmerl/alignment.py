@@ -36,6 +36,7 @@ Pure Python, no torch.
 from __future__ import annotations
 
 import bisect
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -143,8 +144,6 @@ def _identity_runs(v: list[Span], p: list[Span], v_ids: list[int], p_ids: list[i
     """Verifier index -> policy index for the runs of equal ids (difflib's matching blocks) that start and
     end at the same characters on both sides (verifier spans compared after
     :func:`~cmerl.formatting.disjoint_spans`)."""
-    import difflib
-
     dv = disjoint_spans(v)
     twin: dict[int, int] = {}
     matcher = difflib.SequenceMatcher(None, v_ids, p_ids, autojunk=False)

@@ -38,7 +38,7 @@ class AnthropicJudge:
                  max_tokens: int = 32, timeout: float = 120.0, concurrency: int = 4, retries: int = 3,
                  prompt: JudgePrompt | None = None, max_response_chars: int = DEFAULT_MAX_RESPONSE_CHARS,
                  prefill: bool = False):
-        import anthropic
+        import anthropic  # deferred: anthropic (API judges only)
 
         url = (base_url or DEFAULT_BASE_URL).rstrip("/")
         if not url.startswith(("http://", "https://")):
@@ -74,7 +74,7 @@ class AnthropicJudge:
         return judge_concurrently(self._judge_one, jobs, self.concurrency, self.progress)
 
     def _judge_one(self, job: Job) -> OrderResult:
-        import anthropic
+        import anthropic  # deferred: anthropic (API judges only)
 
         system, user = self.prompt.messages(job.instruction,
                                             truncate_response(job.response_A, self.max_response_chars),

@@ -21,16 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cmerl.formatting import Prompt, RenderConfig, as_messages, render_context
+from cmerl.formatting import Prompt, RenderConfig, as_messages, completion_text, render_context
+from cmerl.io import read_records
+from cmerl.problems import ProblemDataError, is_problem_source, load_problems
+from cmerl.prompt_sources import BUNDLED, FILE_SUFFIXES, hub_unreachable_message
 
 DATA_DIR = Path(__file__).parent / "data"
-
-#: bundled name -> (file inside ``cmerl/data``, prompt column)
-BUNDLED: dict[str, tuple[str, str]] = {
-    "ultrafeedback": ("ultrafeedback_1000.jsonl", "prompt"),
-    "alpaca_eval": ("alpaca_eval_805.jsonl", "instruction"),
-}
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 SourceKind = Literal["bundled", "file", "hub"]
 
@@ -45,7 +41,6 @@ def source_kind(source: str) -> SourceKind:
         raise PromptDataError(f"prompt source must be a non-empty string (got {source!r})")
     if source in BUNDLED:
         return "bundled"
-    from cmerl.problems import is_problem_source
 
     if is_problem_source(source):
         return "hub" if "/" in source else "bundled"
@@ -73,16 +68,9 @@ def check_source(source: str) -> SourceKind:
 def _refuse_when_hub_unreachable(source: str) -> None:
     """A hub dataset id with no network fails at once (instead of after ``datasets``' connection retries);
     in datasets' offline mode (``HF_DATASETS_OFFLINE=1``) a copy cached earlier is used, as datasets does."""
-    from datasets import config as datasets_config
-
-    from cmerl.models import hub_reachable
-
-    if Path(source).expanduser().is_dir() or datasets_config.HF_HUB_OFFLINE or hub_reachable():
-        return
-    raise PromptDataError(
-        f"could not load Hugging Face dataset {source!r}: the Hugging Face hub is unreachable from here. Use a "
-        f"bundled name ({', '.join(BUNDLED)}) or a local {'/'.join(FILE_SUFFIXES)} file, or set "
-        "HF_DATASETS_OFFLINE=1 to load a copy cached earlier.")
+    message = hub_unreachable_message(source)
+    if message is not None:
+        raise PromptDataError(message)
 
 
 def _validate_prompt(value: Any, where: str) -> Prompt:
@@ -102,10 +90,9 @@ def _validate_prompt(value: Any, where: str) -> Prompt:
 
 def _rows_of_file(path: Path) -> list[tuple[int, Any]]:
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # deferred: pyarrow (slow import, fast CLI start)
 
         return [(i + 1, row) for i, row in enumerate(pq.read_table(path).to_pylist())]
-    from cmerl.io import read_records
 
     rows, bad = read_records(path)
     if bad:
@@ -120,14 +107,13 @@ def read_prompts(source: str, *, column: str = "prompt", split: str = "train") -
     a malformed prompt, and PromptDataError when a hub dataset cannot be loaded.
     """
     kind = check_source(source)
-    from cmerl.problems import is_problem_source
 
     if is_problem_source(source):
         return [p.prompt for p in _problems(source, split)]
     if kind == "hub":
         _refuse_when_hub_unreachable(source)
         try:
-            from datasets import load_dataset
+            from datasets import load_dataset  # deferred: datasets (slow import, fast CLI start)
 
             ds = load_dataset(source, split=split)
         except Exception as exc:
@@ -156,8 +142,6 @@ def read_prompts(source: str, *, column: str = "prompt", split: str = "train") -
 
 
 def _problems(source: str, split: str):
-    from cmerl.problems import ProblemDataError, load_problems
-
     try:
         return load_problems(source, split=split)
     except ProblemDataError as exc:
@@ -169,8 +153,6 @@ def read_answers(source: str, *, column: str | None = None, split: str = "train"
     set's own (``column`` ignored); else the ``column`` field of each row of a file or hub dataset, as a
     string; None when ``column`` is None and the source is no maths set. A missing or empty answer raises
     PromptDataError naming the row."""
-    from cmerl.problems import is_problem_source
-
     if is_problem_source(source):
         return [p.answer for p in _problems(source, split)]
     if column is None:
@@ -179,7 +161,7 @@ def read_answers(source: str, *, column: str | None = None, split: str = "train"
     if kind == "hub":
         _refuse_when_hub_unreachable(source)
         try:
-            from datasets import load_dataset
+            from datasets import load_dataset  # deferred: datasets (slow import, fast CLI start)
 
             values = list(enumerate(load_dataset(source, split=split)[column], start=1))
         except Exception as exc:
@@ -301,7 +283,7 @@ def to_dataset(prompt_set: PromptSet, tokenizer, system_prompt: str | None = Non
     """A ``datasets.Dataset`` for GRPOTrainer: ``prompt`` in the policy's format (:func:`to_policy_prompt`)
     and ``raw_prompt`` as read, which the rewards score against (so verifiers render it their own way);
     with gold answers, an ``answer`` column too (TRL passes it to every reward as ``answer=[...]``)."""
-    from datasets import Dataset
+    from datasets import Dataset  # deferred: datasets (slow import, fast CLI start)
 
     rows = [{"prompt": to_policy_prompt(p, tokenizer, system_prompt), "raw_prompt": p} for p in prompt_set.prompts]
     if prompt_set.answers is not None:
@@ -323,8 +305,6 @@ class PreferencePair:
 def _response_text(value: Any, where: str) -> str:
     """A response column's text: a string, or a message list whose assistant turns are the response (TRL's
     conversational ``chosen``; a leading user turn, as in UltraFeedback-binarized rows, is skipped)."""
-    from cmerl.formatting import completion_text
-
     try:
         text = completion_text(value)
     except TypeError as exc:
@@ -346,7 +326,7 @@ def read_preference_pairs(source: str, *, column: str = "prompt", chosen_column:
     if kind == "hub":
         _refuse_when_hub_unreachable(source)
         try:
-            from datasets import load_dataset
+            from datasets import load_dataset  # deferred: datasets (slow import, fast CLI start)
 
             ds = load_dataset(source, split=split)
         except Exception as exc:
@@ -396,7 +376,7 @@ def to_preference_dataset(pairs: list[PreferencePair], tokenizer, system_prompt:
     """A ``datasets.Dataset`` for TRL's DPOTrainer: ``prompt`` in the policy's format
     (:func:`to_policy_prompt`), ``chosen`` / ``rejected`` as assistant messages for a chat-template policy,
     else as plain text continuing the plain-format prompt."""
-    from datasets import Dataset
+    from datasets import Dataset  # deferred: datasets (slow import, fast CLI start)
 
     rows = []
     for pair in pairs:

@@ -14,11 +14,18 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 import yaml
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from transformers import GenerationConfig
 
 from cmerl.configs import find_config
-from cmerl.judging import DecisionRule
-from cmerl.metrics import WinRate, format_pct
+from cmerl.data import to_policy_prompt
+from cmerl.io import write_json_atomic
+from cmerl.judging import DecisionRule, JudgePrompt, LocalJudge, Pair, run_judge, verdicts_header
+from cmerl.metrics import WinRate, format_pct, win_rate
 from cmerl.models import check_available
 from cmerl.training import (
     StatusPrinter,
@@ -102,10 +109,6 @@ class DemoResult:
 def generate_greedy(model, tokenizer, prompts: Sequence, *, max_new_tokens: int,
                     system_prompt: str | None = None) -> list[str]:
     """Greedy completions, one prompt at a time, rendered exactly as GRPO renders them for the policy."""
-    import torch
-    from transformers import GenerationConfig
-
-    from cmerl.data import to_policy_prompt
 
     eos = model.generation_config.eos_token_id
     gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
@@ -143,8 +146,6 @@ def head_to_head(judge, instructions: Sequence[str], trained: Sequence[str], unt
     margin). Identical completions give a zero margin, hence a tie. Raises
     ValueError when the three lists differ in length or are empty.
     """
-    from cmerl.judging import JudgePrompt, Pair, run_judge, verdicts_header
-    from cmerl.metrics import win_rate
 
     n = len(instructions)
     if n == 0 or len(trained) != n or len(untrained) != n:
@@ -181,7 +182,6 @@ def run_demo(cfg: TrainConfig, *, judge: str | None = DEMO_JUDGE, judge_dtype: s
     out.seconds = time.perf_counter() - t0
     _write_samples(out)
     if judge:
-        from cmerl.judging import LocalJudge
 
         gc.collect()
         emit_status(f"head-to-head: loading judge {judge} after freeing the policy and verifier ...")
@@ -231,8 +231,6 @@ def _train_and_sample(cfg: TrainConfig, emit_status: StatusPrinter, print_status
 
 
 def _write_samples(out: DemoResult) -> None:
-    from cmerl.io import write_json_atomic
-
     write_json_atomic(out.samples_path, {
         "verifier": out.verifier, "steps": out.steps, "reward_first_step": out.reward_first,
         "reward_last_step": out.reward_last, "seconds": out.seconds,
@@ -242,10 +240,6 @@ def _write_samples(out: DemoResult) -> None:
 
 def render_comparison(result: DemoResult):
     """A rich renderable: one panel per held-out prompt, before/after text with CME."""
-    from rich.console import Group
-    from rich.panel import Panel
-    from rich.table import Table
-
     parts = []
     for i, s in enumerate(result.samples, 1):
         table = Table(show_header=True, expand=True, show_lines=True)

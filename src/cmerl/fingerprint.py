@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmerl.io import write_json_atomic
+
 KIND = "cmerl.fingerprint"
 VERSION = 1
 SIDECAR_SUFFIX = ".fingerprint.json"
@@ -90,7 +92,7 @@ def model_fingerprint(name: str) -> dict[str, str | None]:
     Hashes are remembered in the cmerl cache by (path, size, mtime), so a large folder is read once.
     Raises what :func:`cmerl.models.resolve` raises for a name that cannot mean a model.
     """
-    from cmerl.models import (
+    from cmerl.models import (  # deferred: torch, via cmerl.models (torch-free CLI start)
         PACKAGED_MODELS,
         ModelNotAvailableError,
         gguf_sha256,
@@ -117,7 +119,7 @@ def model_fingerprint(name: str) -> dict[str, str | None]:
 def folder_weights(folder: Path) -> str | None:
     """The ``weights`` part of :func:`model_fingerprint` for a local folder (``None`` when it holds no
     weight file). A cmerl cache folder answers with the GGUF it was converted from."""
-    from cmerl.models import gguf_sha256
+    from cmerl.models import gguf_sha256  # deferred: torch, via cmerl.models (torch-free CLI start)
 
     meta = folder / "cmerl_cache.json"
     if meta.is_file():
@@ -146,6 +148,7 @@ def same_model(a: str, b: str) -> bool:
     same resolved source, the same hub id (a packaged model's upstream id included), or the same weights
     (hashed only when a local folder or ``.gguf`` file is involved). Names that cannot be resolved compare
     as text."""
+    # deferred: torch, via cmerl.models (torch-free CLI start)
     from cmerl.models import ModelNotAvailableError, resolve
 
     a, b = _strip_identity(a), _strip_identity(b)
@@ -279,8 +282,6 @@ def read_sidecar(output: str | Path) -> dict | None:
 
 def write_sidecar(output: str | Path, fingerprint: Fingerprint) -> Path:
     """Write ``fingerprint`` to the sidecar of ``output`` atomically; returns the sidecar's path."""
-    from cmerl.io import write_json_atomic
-
     side = sidecar_path(output)
     write_json_atomic(side, fingerprint.to_dict())
     return side

@@ -12,6 +12,7 @@ tokenizers without one use :attr:`RenderConfig.plain_template`.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -271,8 +272,6 @@ def _patched_spans(tokenizer, ids: list[int], canon: list[int], offsets: list[tu
     """Spans of special-free ``ids`` from the canonical encoding ``canon`` of ``text`` (with ``offsets``):
     matching runs take its offsets, the stretches in between are decoded after an anchor of up to four
     preceding tokens that decode cleanly. None when the result does not partition ``text``."""
-    import difflib
-
     n = len(ids)
     spans: list[tuple[int, int] | None] = [None] * n
     for a, b, size in difflib.SequenceMatcher(None, ids, canon, autojunk=False).get_matching_blocks():

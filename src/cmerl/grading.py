@@ -55,7 +55,7 @@ def _timeout() -> int | None:
 
 
 def _parse(text: str):
-    from math_verify import parse
+    from math_verify import parse  # deferred: math_verify (slow import, fast CLI start)
 
     wrapped = text if text.lstrip().startswith(("$", "\\(", "\\[", "\\boxed")) else f"${text}$"
     return parse(wrapped, parsing_timeout=_timeout())
@@ -67,7 +67,7 @@ def _plain(text: str) -> str:
 
 def answers_match(gold: str, extracted: str) -> bool:
     """Whether two final answers (LaTeX or plain text) are mathematically equal (see module docstring)."""
-    from math_verify import verify
+    from math_verify import verify  # deferred: math_verify (slow import, fast CLI start)
 
     gold_parsed, pred_parsed = _parse(gold), _parse(extracted)
     if gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=_timeout()):

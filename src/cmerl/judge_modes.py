@@ -33,7 +33,10 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from cmerl.formatting import render_context
+from cmerl.io import read_records
 from cmerl.judging import (
     DEFAULT_MAX_RESPONSE_CHARS,
     Job,
@@ -46,6 +49,7 @@ from cmerl.judging import (
     read_verdicts,
     truncate_response,
 )
+from cmerl.scoring.requests import plan_batches
 
 MODES = ("pairwise", "reference", "pointwise")
 #: The mode used when none is given: the one that agreed best with GPT-4 Turbo on the system-vs-system
@@ -61,8 +65,6 @@ SCORE_DIGITS = tuple(str(d) for d in range(1, 10))
 def load_references(path: str | Path | None = None) -> tuple[dict[str, str], str, str]:
     """``(instruction -> reference answer, source, sha256)`` from an AlpacaEval outputs file (default: the
     bundled GPT-4 Turbo answers to the 805 AlpacaEval instructions). Raises ValueError naming a bad row."""
-    from cmerl.io import read_records
-
     if path is None:
         res = resources.files("cmerl").joinpath("data", REFERENCE_OUTPUTS)
         path, source = Path(str(res)), f"cmerl/data/{REFERENCE_OUTPUTS}"
@@ -196,6 +198,7 @@ class PointwiseJudge(LocalJudge):
 
     @classmethod
     def from_pretrained(cls, name: str, *, dtype: str = "auto", **kwargs) -> PointwiseJudge:
+        # deferred: torch, via cmerl.models (slow import, loaded only when used)
         from cmerl.models import load_model
 
         model, tok = load_model(name, dtype=dtype, role="judge")
@@ -221,9 +224,6 @@ class PointwiseJudge(LocalJudge):
 
     def score(self, items: Sequence[tuple[str, str]]) -> list[tuple[float, float]]:
         """``(expected score, digit mass)`` per (instruction, response), each distinct answer scored once."""
-        import torch
-
-        from cmerl.scoring.requests import plan_batches
 
         keys = [(i, truncate_response(r, self.max_response_chars)) for i, r in items]
         todo = list(dict.fromkeys(k for k in keys if k not in self._scores))
@@ -401,6 +401,7 @@ def build_judge(name: str, spec: JudgeSpec, *, mode: str = DEFAULT_MODE, referen
     prompt = (ReferencePrompt.build(spec.prompt_path, references) if mode == "reference"
               else JudgePrompt.load(spec.prompt_path))
     if kind == "anthropic":
+        # deferred: torch, via cmerl.anthropic_judge (slow import, loaded only when used)
         from cmerl.anthropic_judge import AnthropicJudge
 
         return AnthropicJudge(model, base_url=url, api_key_env=spec.api_key_env or "ANTHROPIC_API_KEY",

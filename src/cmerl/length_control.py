@@ -55,6 +55,7 @@ class LengthControlled:
 
 def _fit(y: np.ndarray, delta: np.ndarray) -> tuple[float, float] | None:
     """``(b0, b1)`` of the logistic fit, or None when the deltas do not vary."""
+    # deferred: sklearn (slow import, loaded only when used)
     from sklearn.linear_model import LogisticRegression
 
     sd = float(delta.std())

@@ -28,9 +28,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmerl.fingerprint import model_fingerprint
 from cmerl.grading import Grade, answers_match, grade
 from cmerl.io import write_json_atomic, write_records
 from cmerl.problems import Problem, load_problems
+from cmerl.prompt_sources import parse_prompt_spec
 
 #: Prints one status line for the user (e.g. ``rich.console.Console.print``); ``None`` where taken: quiet.
 StatusPrinter = Callable[[str], None]
@@ -64,6 +66,7 @@ class MathEvalSettings:
                              "set a temperature > 0 to sample")
 
     def generation_config(self):
+        # deferred: torch, via cmerl.generation (torch-free CLI start)
         from cmerl.generation import GenerationConfig
 
         return GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -74,7 +77,7 @@ class MathEvalSettings:
 def prompt_items(problems: Sequence[Problem], samples: int):
     """One :class:`~cmerl.generation.PromptItem` per (problem, sample), indexed ``problem.index * samples + k``
     (stable under slicing, so a larger slice reuses the solutions of a smaller one)."""
-    from cmerl.generation import PromptItem
+    from cmerl.generation import PromptItem  # deferred: torch, via cmerl.generation (torch-free CLI start)
 
     return [PromptItem(p.index * samples + k, p.prompt, p.source) for p in problems for k in range(samples)]
 
@@ -88,7 +91,7 @@ def _model_id(name: str) -> dict:
     """What a model name is, for ``job.json``: its name (a folder: resolved; a training run folder: the
     model folder it loads) plus :func:`cmerl.fingerprint.model_fingerprint` (hub id, weights hash), so a
     folder whose weights changed is another model."""
-    from cmerl.fingerprint import model_fingerprint
+    # deferred: torch, via cmerl.generation (torch-free CLI start)
     from cmerl.generation import resolve_trained_model
 
     p = Path(name).expanduser()
@@ -159,6 +162,7 @@ class MathEvalResult:
 def summarize(records: Sequence[dict], samples: int, *, n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
     """pass@1 (+ interval over problems), pass@k, maj@k, no-answer and truncated fractions of records
     holding ``problem_index``, ``correct``, ``extracted``, ``gold``, ``finish_reason``."""
+    # deferred: numpy, via cmerl.metrics (slow import, fast CLI start)
     from cmerl.metrics import bootstrap_ci, pass_at_k
 
     by_problem: dict[int, list[dict]] = {}
@@ -189,8 +193,8 @@ def evaluate_math(model: str, problem_set: str, output_dir: str | Path, settings
                   *, progress: bool = False, print_status: StatusPrinter | None = None, n_boot: int = 10_000) -> MathEvalResult:
     """Generate (or resume), grade and summarise; see the module docstring. ``model``: a model name or a
     training output folder (:func:`cmerl.generation.load_generator`)."""
+    # deferred: torch, via cmerl.evaluation (torch-free CLI start)
     from cmerl.evaluation import ensure_outputs, generator_label
-    from cmerl.generation import parse_prompt_spec
 
     out = Path(output_dir)
     problems = load_problems(problem_set, split=settings.split)
@@ -222,7 +226,7 @@ def evaluate_math(model: str, problem_set: str, output_dir: str | Path, settings
 
 def format_summary(result: MathEvalResult) -> str:
     """A few lines for the console."""
-    from cmerl.metrics import format_pct
+    from cmerl.metrics import format_pct  # deferred: numpy, via cmerl.metrics (slow import, fast CLI start)
 
     lo, hi = result.pass_at_1_ci
     lines = [(f"pass@1 {format_pct(result.pass_at_1)} [{format_pct(lo)}, {format_pct(hi)}] on "

@@ -35,6 +35,7 @@ from typing import Any
 
 from cmerl.answers import ANSWER_FORMATS, AnswerSpan, find_answer, token_indices_in_span
 from cmerl.formatting import completion_text
+from cmerl.grading import grade
 from cmerl.rewards import VerifierReward, check_independent
 from cmerl.scoring.types import DEFAULT_LOGPROB_FLOOR, ResponseScore
 
@@ -183,8 +184,6 @@ class Correctness:
     def __call__(self, prompts: Sequence, completions: Sequence, completion_ids: Sequence | None = None,
                  log_metric: Callable[[str, float], None] | None = None, answer: Sequence[str] | None = None,
                  **kwargs: Any) -> list[float]:
-        from cmerl.grading import grade
-
         if answer is None:
             raise ValueError("the correctness reward needs the gold answers: a dataset column 'answer' (use a "
                              "maths prompt set such as gsm8k_train, or set answer_column)")

@@ -12,11 +12,14 @@ Pure functions over plain lists; numpy only. Conventions:
 from __future__ import annotations
 
 import math
+import random
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from cmerl.diagnostics import distinct_n, repeated_ngram_share
 
 VERDICTS = ("a", "b", "tie", "error")
 _SCORE = {"a": 1.0, "tie": 0.5, "b": 0.0}
@@ -265,8 +268,6 @@ def word_tokens(text: str) -> list[str]:
 def repetition_rate(text: str, n: int = 4) -> float:
     """Fraction of word n-grams that repeat an earlier n-gram of the same text (0 = none, near 1 = a
     loop); 0.0 for texts shorter than ``n`` words (:func:`cmerl.diagnostics.repeated_ngram_share` on words)."""
-    from cmerl.diagnostics import repeated_ngram_share
-
     return repeated_ngram_share(word_tokens(text), n)
 
 
@@ -287,9 +288,7 @@ def self_bleu(texts: Sequence[str], *, max_texts: int | None = 100, seed: int = 
     tokenisation, exp smoothing) of each text against all the *other* texts as references. High = the
     outputs resemble each other (less diverse). Empty texts are left out; with more than ``max_texts``
     texts a seeded random sample of that many is used (it is quadratic). ``None`` with fewer than 2."""
-    import random
-
-    import sacrebleu
+    import sacrebleu  # deferred: sacrebleu (slow import, loaded only when used)
 
     pool = [t for t in texts if t.strip()]
     if max_texts is not None and len(pool) > max_texts:
@@ -307,8 +306,6 @@ def drift_stats(texts: Sequence[str], *, finish_reasons: Sequence[str | None] | 
     self-BLEU (:func:`self_bleu`, 0-100), mean repeated 4-gram share per text (:func:`repetition_rate`),
     the empty fraction (blank after stripping) and the truncated fraction (``finish_reason == "length"``;
     ``None`` when no finish reasons are given). Empty input gives ``n = 0`` and ``None`` everywhere."""
-    from cmerl.diagnostics import distinct_n
-
     keys = ("chars_mean", "chars_median", "chars_std", "words_mean", "words_median", "words_std", "distinct_1",
             "distinct_2", "self_bleu", "repeated_4gram_share", "empty_frac", "truncated_frac")
     if not texts:

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
 import torch
 
@@ -189,6 +190,7 @@ def random_weights_folder(name: str) -> Path:
     Deterministic: the same name gives the same weights on every machine with the same torch/transformers
     (the cache entry records both versions). Keyed by the base's identity and the seed, written to a
     temporary folder and renamed into place like a GGUF conversion."""
+    # deferred: transformers (slow import, loaded only when used)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     base, seed = parse_random_name(name)
@@ -210,7 +212,7 @@ def random_weights_folder(name: str) -> Path:
         out_dir = tmp / "hf"
         model.save_pretrained(str(out_dir))
         load_tokenizer(base).save_pretrained(str(out_dir))
-        import transformers
+        import transformers  # deferred: transformers (slow import, loaded only when used)
 
         meta = {"random_of": identity, "seed": seed, "torch": torch.__version__,
                 "transformers": transformers.__version__, "created": time.time()}
@@ -266,6 +268,7 @@ def check_loadable(name: str) -> ModelSource:
     ModelNotAvailableError naming the name otherwise (a typo of a hub id offline resolves to nothing)."""
     src = check_available(name)
     if src.kind == "hub" and not hub_reachable():
+        # deferred: huggingface_hub (slow import, loaded only when used)
         from huggingface_hub import try_to_load_from_cache
 
         try:
@@ -335,6 +338,7 @@ def hf_folder_for_gguf(parts: list[Path], gguf_name: str, *, show_progress: bool
     The first call assembles the chunks (if more than one), dequantizes through transformers, and saves
     model + tokenizer in float32 safetensors; later calls return the cached folder at once.
     """
+    # deferred: transformers (slow import, loaded only when used)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sha = gguf_sha256(parts)
@@ -397,7 +401,7 @@ def local_folder(name: str, *, show_progress: bool = False) -> str:
 
 def load_tokenizer(name: str):
     """Load the tokenizer of ``name``; sets ``pad_token`` to EOS when the tokenizer has none."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: transformers (slow import, loaded only when used)
 
     tok = _from_pretrained(AutoTokenizer, name, local_folder(name))
     if tok.pad_token is None:
@@ -413,6 +417,7 @@ def load_model(name: str, *, dtype: str | torch.dtype = AUTO, device: str = "cpu
     ``trained`` models stay fp32 on CPU) or a dtype name. The choice is logged on one line to the ``cmerl``
     logger as ``<role> <name>: <dtype> (<why>)`` (the CLI prints it) and kept as ``model.cmerl_dtype``, a
     :class:`~cmerl.precision.DtypeChoice`. Every dtype loads from the same cached fp32 GGUF conversion."""
+    # deferred: transformers (slow import, loaded only when used)
     from transformers import AutoModelForCausalLM
 
     choice = resolve_dtype(dtype, device=device, trained=trained)
@@ -429,6 +434,7 @@ def load_model(name: str, *, dtype: str | torch.dtype = AUTO, device: str = "cpu
 @contextlib.contextmanager
 def _quiet_loading():
     """Silence transformers' "Loading weights" progress bar (library calls are quiet by default)."""
+    # deferred: transformers (slow import, loaded only when used)
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -448,9 +454,7 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
     connection says nothing about the proxy. Hub ids then load from the local HF cache only, which fails
     at once instead of after huggingface_hub's connection retries (about a minute).
     """
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # deferred: huggingface_hub (slow import, loaded only when used)
 
     if constants.HF_HUB_OFFLINE:
         return False

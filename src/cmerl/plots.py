@@ -18,10 +18,11 @@ MARKER_BELOW = 30
 
 def pyplot() -> Any:
     """``matplotlib.pyplot`` on the Agg backend."""
+    # deferred: matplotlib (optional plots)
     import matplotlib  # here, not at module level: a slow import that only figures need
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib (optional plots)
 
     return plt
 

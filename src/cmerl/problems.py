@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from cmerl.answers import find_boxed, gsm8k_gold
+from cmerl.prompt_sources import hub_unreachable_message, parse_prompt_spec
+
 ANSWER_INSTRUCTION = "Reason step by step, then give the final answer in the form \\boxed{answer}."
 
 #: bundled name -> (file in cmerl/data, question field, dataset family)
@@ -72,8 +75,6 @@ def _hub_id(name: str) -> str | None:
 
 def is_problem_source(spec: str) -> bool:
     """Whether ``spec`` (optionally sliced: ``gsm8k:50``) names a problem set this module knows."""
-    from cmerl.generation import parse_prompt_spec
-
     if not isinstance(spec, str) or not spec.strip():
         return False
     source = parse_prompt_spec(spec)[0]
@@ -82,8 +83,6 @@ def is_problem_source(spec: str) -> bool:
 
 def _gold(row: dict, family: str, where: str) -> tuple[str, str | None]:
     """(gold answer, reference solution) of a raw row."""
-    from cmerl.answers import find_boxed, gsm8k_gold
-
     if family == "gsm8k":
         solution = row.get("answer")
         if not isinstance(solution, str):
@@ -113,14 +112,11 @@ def _rows(source: str, split: str) -> tuple[list[dict], str, str, str]:
         raise ProblemDataError(f"unknown problem set {source!r}; use one of "
                                f"{', '.join([*BUNDLED_PROBLEMS, *HUB_PROBLEMS])}, optionally sliced (gsm8k:50)")
     config, qfield, family = HUB_PROBLEMS[hub]
-    from cmerl.data import PromptDataError, _refuse_when_hub_unreachable
-
+    message = hub_unreachable_message(hub)
+    if message is not None:
+        raise ProblemDataError(f"{message} Bundled problem sets: {', '.join(BUNDLED_PROBLEMS)}.")
     try:
-        _refuse_when_hub_unreachable(hub)
-    except PromptDataError as exc:
-        raise ProblemDataError(f"{exc} Bundled problem sets: {', '.join(BUNDLED_PROBLEMS)}.") from None
-    try:
-        from datasets import load_dataset
+        from datasets import load_dataset  # deferred: datasets (slow import, fast CLI start)
 
         ds = load_dataset(hub, config, split=split) if config else load_dataset(hub, split=split)
     except Exception as exc:
@@ -131,8 +127,6 @@ def _rows(source: str, split: str) -> tuple[list[dict], str, str, str]:
 def load_problems(spec: str, *, split: str = "test") -> list[Problem]:
     """The problems of ``spec`` (see module docstring), sliced, in set order. ``split`` applies to hub
     ids only. Raises :class:`ProblemDataError` naming the row for an unusable row or an empty selection."""
-    from cmerl.generation import parse_prompt_spec
-
     try:
         source, start, stop = parse_prompt_spec(spec)
     except ValueError as exc:

@@ -24,8 +24,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from cmerl.fingerprint import same_model
 from cmerl.models import model_identity
 from cmerl.scoring.types import SIGNALS, ResponseScore, Scorer
+from cmerl.token_rewards import policy_token_rewards
 
 
 class SelfVerificationError(ValueError):
@@ -77,8 +79,6 @@ class VerifierReward:
                       completion_ids: Sequence | None, log_metric: Callable[[str, float], None] | None = None):
         """Per-policy-token rewards of this call's scores (:func:`cmerl.token_rewards.policy_token_rewards`);
         logs ``<name>/alignment_misses`` and ``<name>/identity_frac``."""
-        from cmerl.token_rewards import policy_token_rewards
-
         if completion_ids is None:
             raise ValueError(f"dense {self.__name__} needs TRL's completion_ids (TRL >= 0.18 passes them)")
         out = policy_token_rewards(per_scorer, completions, completion_ids, self.dense_tokenizer,
@@ -138,8 +138,6 @@ class CrossModelEntropy(VerifierReward):
 
 def check_independent(policy: Any, scorers: Sequence[Scorer]) -> None:
     """Raise :class:`SelfVerificationError` when a scorer is the policy model (same object or same source)."""
-    from cmerl.fingerprint import same_model
-
     policy_id = model_identity(policy)
     for s in scorers:
         model = getattr(s, "model", None)

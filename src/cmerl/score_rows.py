@@ -175,6 +175,7 @@ def score_file(input: str | Path, output: str | Path, verifier: str, *, dtype: s
     seconds = 0.0
     if len(out) < len(pairs):
         if load_verifier is None:
+            # deferred: torch, via cmerl.scoring.Verifier (torch-free CLI start)
             from cmerl.scoring import Verifier  # torch: only once there is something to score
 
             try:

@@ -34,6 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cmerl.answers import find_answer, token_indices_in_span
+from cmerl.formatting import RenderConfig
 from cmerl.grading import grade
 from cmerl.io import iter_jsonl, write_json_atomic, write_records
 from cmerl.math_eval import GENERATIONS_NAME, RECORDS_NAME, _model_id, claim_output_dir, prompt_items
@@ -78,6 +80,7 @@ class SeparationSettings:
             raise ValueError(f"separation samples solutions: temperature must be > 0 (got {self.temperature})")
 
     def generation_config(self):
+        # deferred: torch, via cmerl.generation (slow import, loaded only when used)
         from cmerl.generation import GenerationConfig
 
         return GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -88,8 +91,6 @@ class SeparationSettings:
 def span_signal(score, response: str, signal: str, answer_format: str) -> tuple[float, float | None]:
     """(whole-solution mean, answer-span mean or None) of one scored solution for ``signal``
     (``mean_logprob`` or ``neg_entropy``)."""
-    from cmerl.answers import find_answer, token_indices_in_span
-
     values, whole = token_values(score, signal)
     span = find_answer(response, answer_format)
     if span is None:
@@ -114,6 +115,7 @@ def add_signals(records: list[dict], scores: Sequence, who: str, answer_format: 
 def separation_table(records: Sequence[dict], *, n_boot: int = 2000, seed: int = 0) -> list[dict]:
     """One row per signal: AUROC over all solutions and over answered ones, with intervals (see module
     docstring). A missing answer-span value counts as the floor in "all"."""
+    # deferred: numpy, via cmerl.metrics (slow import, loaded only when used)
     from cmerl.metrics import auroc_interval
 
     labels = [bool(r["correct"]) for r in records]
@@ -159,8 +161,8 @@ def run_separation(policy: str, verifier: str, problem_set: str, output_dir: str
                    settings: SeparationSettings = SeparationSettings(), *, verifier_dtype: str = "auto",
                    batch_tokens: int = 4096, progress: bool = False, print_status: StatusPrinter | None = None) -> SeparationResult:
     """Sample, grade, score and tabulate; see the module docstring."""
+    # deferred: torch, via cmerl.evaluation and cmerl.generation and cmerl.scoring.Verifier (slow import, loaded only when used)
     from cmerl.evaluation import generator_label
-    from cmerl.formatting import RenderConfig
     from cmerl.generation import generate_outputs, load_generator, outputs_complete, parse_prompt_spec
     from cmerl.scoring import Verifier
 

@@ -35,6 +35,7 @@ differs. ``study_log.jsonl`` records every phase attempt (start, end, seconds, h
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -49,6 +50,7 @@ from pathlib import Path
 import yaml
 
 from cmerl.configs import CONFIG_ROOT
+from cmerl.data import load_prompt_set
 from cmerl.io import append_jsonl, iter_jsonl, read_records, write_json_atomic
 
 PHASES = ("train", "heldout", "generate", "judge", "report")
@@ -134,6 +136,7 @@ def find_row_file(row: str, config_dir: str | Path = CONFIG_DIR) -> Path:
 def load_row(row: str, *, config_dir: str | Path = CONFIG_DIR, runs_root: str | Path = RUNS_ROOT) -> StudyRow:
     """Read and check a row file (unknown keys, the train config as ``cmerl train`` checks it, a judge that
     is a verifier or the policy). Loads no model."""
+    # deferred: torch, via cmerl.models and cmerl.training (torch-free CLI start)
     from cmerl.models import model_identity
     from cmerl.training import config_from_dict, validate
 
@@ -198,6 +201,7 @@ def _sha(data) -> str:
 
 def train_fingerprint(cfg) -> str:
     """What the trained weights depend on: the train config minus the keys a resume may change."""
+    # deferred: torch, via cmerl.training (torch-free CLI start)
     from cmerl.training import RESUME_OVERRIDABLE
 
     d = {k: v for k, v in asdict(cfg).items() if k not in RESUME_OVERRIDABLE and k != "output_dir"}
@@ -247,6 +251,7 @@ def _check_state(row: StudyRow, paths: RowPaths) -> dict:
 
 def machine_info() -> dict:
     """Host, CPU model, thread count and the bf16 decision of this machine (recorded per phase attempt)."""
+    # deferred: torch, via cmerl.precision (torch-free CLI start)
     import torch
 
     from cmerl.precision import resolve_dtype
@@ -277,6 +282,7 @@ class PhaseResult:
 
 def train_done(row: StudyRow, paths: RowPaths) -> bool:
     """``final/`` exists and the last complete checkpoint reached ``max_steps``."""
+    # deferred: torch, via cmerl.training (torch-free CLI start)
     from cmerl.training import checkpoint_step, latest_checkpoint
 
     last = latest_checkpoint(paths.train_dir)
@@ -285,6 +291,7 @@ def train_done(row: StudyRow, paths: RowPaths) -> bool:
 
 def _sync_training(paths: RowPaths) -> None:
     """Copy the run's metrics, resolved config, run card and curves into the results folder."""
+    # deferred: torch, via cmerl.training (torch-free CLI start)
     from cmerl.training import CONFIG_NAME, CURVE_NAME, METRICS_NAME, RUN_CARD_NAME
 
     paths.results.mkdir(parents=True, exist_ok=True)
@@ -303,7 +310,7 @@ def phase_train(row: StudyRow, paths: RowPaths, *, max_new_steps: int | None = N
                 print_status: StatusPrinter | None = None) -> PhaseResult:
     """Train (or resume) the row's policy; ``max_new_steps`` stops after that many more steps (a budget:
     the run continues from there next time, exactly, with cmerl's default constant learning rate)."""
-    from cmerl import training
+    from cmerl import training  # deferred: torch, via cmerl.training (torch-free CLI start)
 
     if train_done(row, paths):
         _sync_training(paths)
@@ -347,8 +354,7 @@ def _check_trained_model(paths: RowPaths, state: dict, key: str) -> str:
 def _generate(name: str, items, output: Path, config, *, generator: str, stop_after: int | None,
               progress: bool) -> bool:
     """Generate the missing rows of ``output``; True when it is complete."""
-    import gc
-
+    # deferred: torch, via cmerl.generation (torch-free CLI start)
     from cmerl.generation import generate_outputs, load_generator, outputs_complete
 
     if outputs_complete(output, items, generator=generator, config=config):
@@ -367,7 +373,7 @@ def _generate(name: str, items, output: Path, config, *, generator: str, stop_af
 
 def heldout_items(cfg) -> list:
     """The held-out prompts of a train config (the last ``heldout_prompts`` that fit) as PromptItems."""
-    from cmerl.data import load_prompt_set
+    # deferred: torch, via cmerl.generation and cmerl.models (torch-free CLI start)
     from cmerl.generation import PromptItem
     from cmerl.models import load_tokenizer
 
@@ -387,6 +393,7 @@ def heldout_items(cfg) -> list:
 def phase_heldout(row: StudyRow, paths: RowPaths, state: dict, *, stop_after: int | None = None,
                   progress: bool = False, print_status: StatusPrinter | None = None) -> PhaseResult:
     """Held-out CME, length and distinct-n of the trained and the untrained policy (``heldout.json``)."""
+    # deferred: torch, via cmerl.generation (torch-free CLI start)
     from cmerl.generation import GenerationConfig
 
     out = paths.results / "heldout.json"
@@ -418,8 +425,7 @@ def heldout_scores(verifier_name: str, files: dict[str, Path], *, print_status: 
     """Score each outputs file's (instruction, output) pairs with the verifier: per-system mean CME (mean
     response log-likelihood, nats/token; empty responses are left out of the mean and counted) and
     :func:`cmerl.metrics.drift_stats`."""
-    import gc
-
+    # deferred: numpy, via cmerl.metrics (slow import, fast CLI start); torch, via cmerl.scoring.Verifier (torch-free CLI start)
     from cmerl.metrics import drift_stats
     from cmerl.scoring import Verifier
 
@@ -445,6 +451,7 @@ def heldout_scores(verifier_name: str, files: dict[str, Path], *, print_status: 
 
 
 def eval_generation(row: StudyRow):
+    # deferred: torch, via cmerl.generation (torch-free CLI start)
     from cmerl.generation import GenerationConfig
 
     e = row.eval
@@ -455,6 +462,7 @@ def eval_generation(row: StudyRow):
 def phase_generate(row: StudyRow, paths: RowPaths, state: dict, *, stop_after: int | None = None,
                    progress: bool = False, print_status: StatusPrinter | None = None) -> PhaseResult:
     """Greedy AlpacaEval outputs of the trained policy and the untrained base."""
+    # deferred: torch, via cmerl.generation (torch-free CLI start)
     from cmerl.generation import load_prompt_items
 
     items = load_prompt_items(row.eval.prompts)
@@ -472,6 +480,7 @@ def phase_generate(row: StudyRow, paths: RowPaths, state: dict, *, stop_after: i
 
 def _judge_file(judge, a: Path, b: Path, out: Path, *, labels: tuple[str, str], stop_after: int | None,
                 progress: bool) -> bool:
+    # deferred: torch, via cmerl.judging (torch-free CLI start)
     from cmerl.judging import DecisionRule, load_pairs, read_verdicts, run_judge, verdicts_header
 
     pairs, _ = load_pairs(a, b)
@@ -484,6 +493,7 @@ def _judge_file(judge, a: Path, b: Path, out: Path, *, labels: tuple[str, str], 
 
 
 def _pending_judgements(row: StudyRow, paths: RowPaths, results_root: Path) -> list[tuple[Path, Path, Path, tuple]]:
+    # deferred: torch, via cmerl.judging (torch-free CLI start)
     from cmerl.judging import load_pairs, read_verdicts
 
     jobs = [(paths.results / "outputs_trained.json", paths.results / "outputs_base.json",
@@ -509,9 +519,7 @@ def phase_judge(row: StudyRow, paths: RowPaths, *, results_root: Path, stop_afte
                 progress: bool = False, print_status: StatusPrinter | None = None) -> PhaseResult:
     """Verdicts of trained vs base (and vs each ``against`` row with outputs), both orders; the judge is
     loaded only when something is left to judge."""
-    import gc
-
-    from cmerl.judging import JudgeSpec
+    from cmerl.judging import JudgeSpec  # deferred: torch, via cmerl.judging (torch-free CLI start)
 
     pending = _pending_judgements(row, paths, results_root)
     missing = [o for o in row.against if not (results_root / o / "outputs_trained.json").is_file()]
@@ -555,6 +563,7 @@ def training_wall_seconds(events: Sequence[dict], metrics: Sequence[dict]) -> fl
 
 def phase_report(row: StudyRow, paths: RowPaths, *, results_root: Path, print_status: StatusPrinter | None = None) -> PhaseResult:
     """``winrate*.json``, ``report.md`` + figures, and ``row.json`` (the table's source)."""
+    # deferred: numpy, via cmerl.metrics (slow import, fast CLI start); torch, via cmerl.report and cmerl.winrates (torch-free CLI start)
     from cmerl.metrics import drift_stats
     from cmerl.report import write_report
     from cmerl.winrates import summarize_verdicts
@@ -679,6 +688,7 @@ def row_status(name: str, *, runs_root: str | Path = RUNS_ROOT, results_root: st
                sync: bool = True) -> dict:
     """Where a row stands, from its folders alone (no model loaded): training step, each file's progress.
     ``sync`` copies the training metrics into the results folder first (cheap)."""
+    # deferred: torch, via cmerl.training (torch-free CLI start)
     from cmerl.training import checkpoint_step, latest_checkpoint
 
     paths = row_paths(name, runs_root=runs_root, results_root=results_root)

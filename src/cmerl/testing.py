@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -13,6 +15,7 @@ def tiny_causal_lm(vocab_size: int, *, arch: str = "llama", seed: int = 0, hidde
 
     ``vocab_size`` must cover the tokenizer it is paired with (use ``len(tokenizer)``).
     """
+    # deferred: transformers (slow import, loaded only when used)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = {"vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": hidden_size * 2,
@@ -44,8 +47,7 @@ def write_tiny_gguf(source_gguf, dest, *, hidden_size: int = 32, num_layers: int
     converts in seconds: handy for testing the GGUF → HF cache without dequantizing a real model.
     Returns ``dest`` as a :class:`pathlib.Path`.
     """
-    from pathlib import Path
-
+    # deferred: gguf (slow import, loaded only when used); numpy (slow import, loaded only when used)
     import gguf
     import numpy as np
 

@@ -12,6 +12,8 @@ import sys
 
 import typer
 
+from cmerl import __version__
+
 app = typer.Typer(
     name="cmerl",
     help="Label-free RL with Cross-Model Entropy rewards: score, train, generate, judge, serve.",
@@ -24,12 +26,14 @@ app = typer.Typer(
 def input_errors(*extra: type[Exception]) -> tuple[type[Exception], ...]:
     """Exceptions that mean the user's input or setup is wrong (a missing file, a model that cannot be
     loaded here, plus ``extra``): commands report them in one line instead of a traceback."""
+    # deferred: torch, via cmerl.models (torch-free CLI start)
     from cmerl.models import ModelNotAvailableError
 
     return (FileNotFoundError, ModelNotAvailableError, *extra)
 
 
 def _check_dtype(value: str) -> str:
+    # deferred: torch, via cmerl.precision (torch-free CLI start)
     from cmerl.precision import check_dtype_name
 
     try:
@@ -66,8 +70,6 @@ def either_spelling(new, old, *, new_flag: str, old_flag: str, default=None):
 
 def _print_version(value: bool) -> None:
     if value:
-        from cmerl import __version__
-
         typer.echo(f"cmerl {__version__}")
         raise typer.Exit()
 

@@ -4,12 +4,16 @@
 
 from __future__ import annotations
 
+import gc
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
+from rich.console import Console
 
 from cmerl.cli.app import app, dtype_option, either_spelling, input_errors, old_spelling
+from cmerl.io import skipped_lines, write_json_atomic
 
 # Judge options shared by judge, judge-check and eval.
 JUDGE = typer.Option(..., "--judge", "-j", help="Judge model: a cmerl model name (packaged alias, HF folder, "
@@ -44,7 +48,7 @@ REFERENCES = typer.Option(None, "--references", help="Reference-guided mode: an 
 
 def _judge_spec(judge, judge_url, judge_api, api_key_env, logprobs, template_from, judge_dtype, max_chars,
                 prompt_file, concurrency):
-    from cmerl.judging import JudgeSpec
+    from cmerl.judging import JudgeSpec  # deferred: torch, via cmerl.judging (torch-free CLI start)
 
     if judge_api not in ("chat", "completions"):
         raise typer.BadParameter(f"--judge-api must be chat or completions (got {judge_api!r})")
@@ -55,6 +59,7 @@ def _judge_spec(judge, judge_url, judge_api, api_key_env, logprobs, template_fro
 
 def _judge_builders(names, spec, mode, references):
     """``[(name, build)]`` for :func:`cmerl.judge_panel.run_panel`; checks the names before loading anything."""
+    # deferred: torch, via cmerl.judge_modes (torch-free CLI start)
     from cmerl.judge_modes import DEFAULT_MODE, MODES, build_judge, parse_judge_name
 
     mode = mode or DEFAULT_MODE
@@ -67,14 +72,13 @@ def _judge_builders(names, spec, mode, references):
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by the user's input or setup: reported as one ``error:`` line, exit code 1."""
+    # deferred: torch, via cmerl.judging (torch-free CLI start)
     from cmerl.judging import JudgeConnectionError
 
     return input_errors(ValueError, JudgeConnectionError)
 
 
 def _console():
-    from rich.console import Console
-
     return Console(stderr=True, soft_wrap=True)
 
 
@@ -104,6 +108,7 @@ def generate(
     generator: str = typer.Option(None, help="Name written in the 'generator' field (default: the model name)."),
 ) -> None:
     """Generate outputs for a prompt set, AlpacaEval model_outputs.json format; rerun to resume."""
+    # deferred: torch, via cmerl.evaluation and cmerl.generation (torch-free CLI start)
     from cmerl.evaluation import ensure_outputs
     from cmerl.generation import GenerationConfig, load_prompt_items
 
@@ -133,7 +138,7 @@ def judge(
     """Judge A against B on the instructions they share, each pair in both orders; prints the win rate (and
     the length-controlled one). Several --judge: one verdicts file each (OUTPUT.<judge>.jsonl), per-judge
     numbers and their mean (OUTPUT.panel.json); a judge that fails is reported and left out of the mean."""
-    from cmerl.io import write_json_atomic
+    # deferred: torch, via cmerl.judge_panel and cmerl.judging and cmerl.winrates (torch-free CLI start)
     from cmerl.judge_panel import PANEL_SUFFIX, run_panel
     from cmerl.judging import DecisionRule, load_pairs
     from cmerl.winrates import summarize_verdicts
@@ -172,7 +177,7 @@ def winrate(
     seed: int = typer.Option(0, help="Bootstrap seed."),
 ) -> None:
     """Wins / ties / losses, tie-adjusted win rate with a bootstrap CI, consistency and lengths."""
-    from cmerl.io import skipped_lines, write_json_atomic
+    # deferred: torch, via cmerl.winrates (torch-free CLI start)
     from cmerl.winrates import summarize_verdicts
 
     try:
@@ -215,8 +220,8 @@ def judge_check(
 ) -> None:
     """Agreement of a judge with GPT-4 Turbo: on its AlpacaEval verdicts (gpt4_1106_preview vs gemma-2b-it,
     an easy gap) or, with --pairs, on two similar systems GPT-4 Turbo rated apart by --min-margin."""
+    # deferred: torch, via cmerl.checks and cmerl.judging (torch-free CLI start)
     from cmerl.checks import judge_check as run_check
-    from cmerl.io import write_json_atomic
     from cmerl.judging import DecisionRule
 
     n = either_spelling(limit, n, new_flag="--limit", old_flag="--n")
@@ -230,6 +235,7 @@ def judge_check(
         rule = DecisionRule(threshold, require_consistent)
         j = _judge_builders([judge], spec, judge_mode, references)[0][1]()
         if pairs:
+            # deferred: torch, via cmerl.calibration (torch-free CLI start)
             from cmerl.calibration import pairs_check
 
             result = pairs_check(j, pairs, output=out / "verdicts.jsonl", min_margin=min_margin, n=n,
@@ -272,11 +278,9 @@ def reward_check(
     """How often each verifier signal prefers the chosen response, vs a length-only baseline. With several
     --verifier, each is checked in turn (one loaded at a time), then their ensemble; --output then holds
     {"results": [...], "ensemble": {...}}."""
-    import gc
-
+    # deferred: torch, via cmerl.checks and cmerl.scoring.Verifier (torch-free CLI start); numpy, via cmerl.metrics (slow import, fast CLI start)
     from cmerl.checks import REJECTED_MODES, check_signal_names, ensemble_check, load_preference_pairs
     from cmerl.checks import reward_check as run_check
-    from cmerl.io import write_json_atomic
     from cmerl.metrics import format_pct
     from cmerl.scoring import Verifier
 
@@ -314,8 +318,6 @@ def reward_check(
         print(f"ensemble of {', '.join(verifier)} (mean mean_logprob) prefers chosen in {format_pct(a.value)} "
               f"(95% CI {format_pct(a.ci_low)}-{format_pct(a.ci_high)})")
     if output:
-        from dataclasses import asdict
-
         payload = (results[0].to_dict() if ensemble is None else
                    {"results": [r.to_dict() for r in results], "ensemble": asdict(ensemble)})
         write_json_atomic(output, payload)
@@ -330,7 +332,7 @@ def report(
                                        "statistics (length, distinct-1/2, self-BLEU, repetition); repeatable."),
 ) -> None:
     """Write a markdown report with PNG figures from a run or results folder."""
-    from cmerl.report import write_report
+    from cmerl.report import write_report  # deferred: torch, via cmerl.report (torch-free CLI start)
 
     try:
         rep = write_report(directory, output=output, metrics=metrics, outputs=outputs or ())
@@ -365,6 +367,7 @@ def eval_cmd(
 ) -> None:
     """Trained vs base in one command (generate both, judge both orders, win rate with CI, report), or any
     number of systems with --system: a win-rate matrix plus a report per pair."""
+    # deferred: torch, via cmerl.evaluation and cmerl.generation and cmerl.judging (torch-free CLI start)
     from cmerl.evaluation import EvalPlan, run_eval
     from cmerl.generation import GenerationConfig
     from cmerl.judging import DecisionRule
@@ -374,6 +377,7 @@ def eval_cmd(
         _fail("pass --trained/--base or --system (several), not both")
     if not system and not (trained and base):
         _fail("pass --trained and --base, or two or more --system")
+    # deferred: torch, via cmerl.judge_modes (torch-free CLI start)
     from cmerl.judge_modes import DEFAULT_MODE
 
     # one plain judge on trained vs base: the classic layout (outputs_trained/base.json, verdicts.jsonl)
@@ -390,6 +394,7 @@ def eval_cmd(
                             judge=spec, generation=generation, rule=rule)
             summary = run_eval(plan, log=lambda m: console.print(m))
         else:
+            # deferred: torch, via cmerl.comparison (torch-free CLI start)
             from cmerl.comparison import parse_system, run_matrix
 
             systems = [parse_system(x) for x in (system or [f"trained={trained}", f"base={base}"])]

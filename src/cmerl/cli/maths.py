@@ -6,8 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 
+from cmerl.answers import ANSWER_FORMATS
 from cmerl.cli.app import app, dtype_option, input_errors
+from cmerl.math_eval import MathEvalSettings, evaluate_math, format_summary
+from cmerl.problems import ProblemDataError
 
 DATASET_HELP = ("Problem set: gsm8k[:N] (GSM8K test), gsm8k_train[:N], math500[:N], or a hub id "
                 "(openai/gsm8k, HuggingFaceH4/MATH-500, DigitalLearningGmbH/MATH-lighteval) where the hub is "
@@ -16,27 +21,19 @@ FORMAT_HELP = "Where the final answer is: auto (last \\boxed{} or '#### N', whic
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from cmerl.problems import ProblemDataError
-
     return input_errors(ValueError, ProblemDataError)
 
 
 def _console():
-    from rich.console import Console
-
     return Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str) -> None:
-    from rich.markup import escape
-
     _console().print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(1)
 
 
 def _check_format(value: str) -> str:
-    from cmerl.answers import ANSWER_FORMATS
-
     if value not in ANSWER_FORMATS:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(ANSWER_FORMATS)}")
     return value
@@ -62,8 +59,6 @@ def eval_math(
     split: str = typer.Option("test", help="Split of a hub dataset."),
 ) -> None:
     """Accuracy on maths problems: greedy pass@1, or pass@k / maj@k over k samples; graded by math-verify."""
-    from cmerl.math_eval import MathEvalSettings, evaluate_math, format_summary
-
     console = _console()
     try:
         settings = MathEvalSettings(samples=samples, temperature=temperature, top_p=top_p,
@@ -99,6 +94,7 @@ def separation(
 ) -> None:
     """AUROC of verifier likelihood (whole solution and answer span, cross-entropy and entropy) for telling
     correct from wrong sampled solutions, next to the policy's self-likelihood and a length baseline."""
+    # deferred: torch, via cmerl.separation (torch-free CLI start)
     from cmerl.separation import SeparationSettings, format_table, run_separation
 
     console = _console()

@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 
 from cmerl.cli.app import app, dtype_option, input_errors
+from cmerl.score_rows import NoUsableRowsError, ScoreFileError, score_file
 
 
 @app.command()
@@ -23,11 +26,6 @@ def score(
 
     Scored rows are appended to the output (or a partial file beside a .json output) every few hundred
     rows, so an interrupted run keeps them and a rerun with the same arguments scores only the rest."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    from cmerl.score_rows import NoUsableRowsError, ScoreFileError, score_file
-
     console = Console(stderr=True, soft_wrap=True)  # no line breaks inside paths
     try:
         result = score_file(

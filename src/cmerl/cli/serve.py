@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import typer
+from rich.console import Console
+from rich.markup import escape
 
 from cmerl.cli.app import app, dtype_option, input_errors
+from cmerl.formatting import RenderConfig
+from cmerl.integrations.openrlhf import DEFAULT_STOP_STRINGS
 
 
 @app.command()
@@ -41,11 +47,7 @@ def serve(
 ) -> None:
     """Serve a verifier over HTTP: /score, /get_reward (OpenRLHF), /v1/completions (vLLM prompt_logprobs),
     /health, /metrics. Set CMERL_API_KEY to require 'Authorization: Bearer <key>'."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    from cmerl.formatting import RenderConfig
-    from cmerl.integrations.openrlhf import DEFAULT_STOP_STRINGS
+    # deferred: fastapi, via cmerl.serving.app and cmerl.serving.run (server only)
     from cmerl.serving.app import ServerConfig
     from cmerl.serving.run import PortUnavailableError, VerifierSpec, serve_http
 
@@ -68,6 +70,7 @@ def serve(
         raise typer.Exit(2) from None
     url = f"http://{host}:{port}"
     if ray:
+        # deferred: ray, via cmerl.serving.ray_serve (optional extra)
         from cmerl.serving.ray_serve import serve_ray
 
         console.print(f"starting Ray Serve with {replicas} replica(s) of {verifier} ...")
@@ -104,9 +107,7 @@ def flag_message(message: str) -> str:
 def check_flags(*, port: int, max_body_mb: float, replicas: int, replica_cpus: float, replica_gpus: float,
                 log_level: str, ray: bool) -> None:
     """The flags that no config object checks, refused before anything loads (ValueError naming the flag)."""
-    import math
-
-    from cmerl.serving.run import LOG_LEVELS
+    from cmerl.serving.run import LOG_LEVELS  # deferred: fastapi, via cmerl.serving.run (server only)
 
     if isinstance(port, bool) or not 0 <= port <= 65535:
         raise ValueError(f"--port must be in 0..65535 (got {port}; 0 picks a free port)")

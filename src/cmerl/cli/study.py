@@ -8,7 +8,10 @@ from pathlib import Path
 import typer
 
 from cmerl.cli.app import app, input_errors
+from cmerl.cli.train import _quiet_libraries
 from cmerl.configs import CONFIG_ROOT
+from cmerl.data import PromptDataError
+from cmerl.study import PHASES, StudyError, row_names, row_status, run_row, study_table, update_table_files
 
 study_app = typer.Typer(help="The replication study: train, evaluate and report one row of configs/study/.",
                         no_args_is_help=True)
@@ -22,9 +25,8 @@ RESULTS_DIR = typer.Option(Path("benchmarks/results/study"), "--results-dir",
 
 
 def _errors() -> tuple[type[Exception], ...]:
-    from cmerl.data import PromptDataError
+    # deferred: torch, via cmerl.rewards and cmerl.training (torch-free CLI start)
     from cmerl.rewards import SelfVerificationError
-    from cmerl.study import StudyError
     from cmerl.training import ConfigError, RunDirExistsError
 
     return input_errors(StudyError, ConfigError, RunDirExistsError, PromptDataError, SelfVerificationError)
@@ -55,9 +57,6 @@ def run(
     config_dir: Path = CONFIG_DIR, runs_dir: Path = RUNS_DIR, results_dir: Path = RESULTS_DIR,
 ) -> None:
     """Run or continue one row: each phase skips what is done and resumes what was interrupted."""
-    from cmerl.cli.train import _quiet_libraries
-    from cmerl.study import PHASES, run_row
-
     _quiet_libraries()
     chosen = [p.strip() for p in phases.split(",") if p.strip()] if phases else list(PHASES)
     try:
@@ -77,8 +76,6 @@ def status(
 ) -> None:
     """Where each row stands (training step, outputs and verdicts written); copies the training metrics into
     the results folder. Loads no model."""
-    from cmerl.study import row_names, row_status
-
     names = [Path(row).stem] if row else row_names(config_dir)
     states = [row_status(n, runs_root=runs_dir, results_root=results_dir) for n in names]
     if as_json:
@@ -98,8 +95,6 @@ def table(
     print_only: bool = typer.Option(False, "--print", help="Only print the table; write nothing."),
 ) -> None:
     """Regenerate the study table from the result folders (row.json of each row)."""
-    from cmerl.study import study_table, update_table_files
-
     if print_only:
         typer.echo(study_table(results_dir))
         return

@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
 import typer
+from rich.console import Console
 
 from cmerl.cli.app import app, input_errors
+from cmerl.configs import find_config, packaged_configs
+from cmerl.data import PromptDataError
 
 
 def _quiet_libraries() -> None:
     """Keep the console to cmerl's progress: no deprecation chatter or per-shard save bars."""
-    import warnings
-
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*pin_memory.*")
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # deferred: transformers (torch-free CLI start)
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from cmerl.data import PromptDataError
+    # deferred: torch, via cmerl.rewards and cmerl.training (torch-free CLI start)
     from cmerl.rewards import SelfVerificationError
     from cmerl.training import ConfigError, RunDirExistsError
 
@@ -31,8 +34,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def _check_run(cfg, source, console, processes: int | None) -> None:
     """``cmerl train --check``: the models must resolve (packaged ones installed); prints the run plan."""
-    import os
-
+    # deferred: torch, via cmerl.training and cmerl.models (torch-free CLI start)
     from cmerl import training
     from cmerl.models import check_loadable
 
@@ -51,7 +53,7 @@ def _check_run(cfg, source, console, processes: int | None) -> None:
 def _load(config: Path | None, resume: Path | None, overrides: list[str], method: str | None, console):
     """The run config of a new run (``--config`` + ``--set`` + ``--method``) or of ``--resume RUN_DIR``;
     a usage error ends the command with exit code 2."""
-    from cmerl import training
+    from cmerl import training  # deferred: torch, via cmerl.training (torch-free CLI start)
 
     if (config is None) == (resume is None):
         console.print("[red]give exactly one of --config FILE (new run) or --resume RUN_DIR[/red]")
@@ -70,7 +72,7 @@ def _load(config: Path | None, resume: Path | None, overrides: list[str], method
 
 
 def _train(cfg, resume: bool, console) -> None:
-    from cmerl import training
+    from cmerl import training  # deferred: torch, via cmerl.training (torch-free CLI start)
 
     try:
         result = training.train(cfg, resume=resume, progress=True, print_status=console.print)
@@ -97,9 +99,7 @@ def train(
 ) -> None:
     """Train a policy with GRPO on CME (or baseline) rewards through TRL's GRPOTrainer, or with a baseline
     method (--method dpo | distill) through TRL's DPOTrainer / SFTTrainer."""
-    from rich.console import Console
-
-    from cmerl import training
+    from cmerl import training  # deferred: torch, via cmerl.training (torch-free CLI start)
 
     console = Console(stderr=True, soft_wrap=True)
     if print_config:
@@ -126,9 +126,7 @@ def distill(
     resumable), then TRL's SFTTrainer fine-tunes the policy on those answers with the step and token budget
     of a GRPO run of the same config. Same run directory, checkpoints, run card and metrics.jsonl as
     `cmerl train`."""
-    from rich.console import Console
-
-    from cmerl import training
+    from cmerl import training  # deferred: torch, via cmerl.training (torch-free CLI start)
 
     console = Console(stderr=True, soft_wrap=True)
     _quiet_libraries()
@@ -161,8 +159,7 @@ def demo(
 ) -> None:
     """Train SmolLM2-135M-Instruct on CME from a Qwen2.5-Coder verifier for a few steps, then show
     before/after completions on held-out prompts with their CME scores and a judged head-to-head."""
-    from rich.console import Console
-
+    # deferred: torch, via cmerl.demo and cmerl.training (torch-free CLI start)
     from cmerl import demo as demo_mod
     from cmerl import training
 
@@ -200,8 +197,6 @@ def configs(
     name: str = typer.Argument(None, help="A packaged config to print (e.g. demo, paper/quality1); none: list them."),
 ) -> None:
     """List the configs that ship with cmerl, or print one (copy it to edit: `cmerl configs demo > my.yaml`)."""
-    from cmerl.configs import find_config, packaged_configs
-
     if name is None:
         typer.echo("\n".join(packaged_configs()))
         return

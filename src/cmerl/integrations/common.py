@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cmerl.formatting import RenderConfig
+from cmerl.scoring.remote import RemoteVerifier
 from cmerl.scoring.types import AsyncScorer, ResponseScore, Scorer
 
 ENV_SERVER = "CMERL_SERVER_URL"
@@ -47,8 +48,6 @@ def get_scorer(*, server_url: str | None = None, verifier: str | None = None, to
         key = ("remote", url, tok if isinstance(tok, (str, type(None))) else id(tok), proto, render)
         with _LOCK:
             if key not in _CACHE:
-                from cmerl.scoring.remote import RemoteVerifier
-
                 _CACHE[key] = RemoteVerifier(url, tok, protocol=proto, render=render)
             return _CACHE[key]
     name = verifier or os.environ.get(ENV_VERIFIER) or None
@@ -57,6 +56,7 @@ def get_scorer(*, server_url: str | None = None, verifier: str | None = None, to
         key = ("local", name, dt, render)
         with _LOCK:
             if key not in _CACHE:
+                # deferred: torch, via cmerl.scoring.Verifier (torch-free CLI start)
                 from cmerl.scoring import Verifier
 
                 _CACHE[key] = Verifier.from_pretrained(name, dtype=dt, render=render)

@@ -20,13 +20,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from cmerl.formatting import RenderConfig
+from cmerl.integrations.common import get_scorer
+from cmerl.integrations.openrlhf import DEFAULT_STOP_STRINGS, render_config_for, score_queries
+
 
 def reward_func(queries: list[str], prompts: list[str], labels: list[Any] | None = None, **kwargs: Any) -> dict:
-    import torch
-
-    from cmerl.formatting import RenderConfig
-    from cmerl.integrations.common import get_scorer
-    from cmerl.integrations.openrlhf import DEFAULT_STOP_STRINGS, render_config_for, score_queries
+    import torch  # deferred: torch (torch-free CLI start)
 
     mode = os.environ.get("CMERL_PROMPT_MODE", "chat")
     stops = os.environ.get("CMERL_STOP_STRINGS")

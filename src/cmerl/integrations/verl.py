@@ -27,6 +27,7 @@ from typing import Any
 
 from cmerl.integrations.common import ENV_SERVER, ENV_VERIFIER, ascore, get_scorer
 from cmerl.io import write_atomic
+from cmerl.scoring.remote import RemoteVerifier
 from cmerl.scoring.types import ResponseScore, Scorer
 
 _ROUTER_SCORERS: dict[tuple, Scorer] = {}
@@ -61,8 +62,6 @@ def _scorer(kwargs: dict[str, Any]) -> Scorer:
         tok = kwargs.get("reward_model_tokenizer")
         key = (router, id(tok))
         if key not in _ROUTER_SCORERS:
-            from cmerl.scoring.remote import RemoteVerifier
-
             _ROUTER_SCORERS[key] = RemoteVerifier(f"http://{router}", tok, protocol="openai")
         return _ROUTER_SCORERS[key]
     return get_scorer(server_url=server_url, verifier=verifier, tokenizer=kwargs.get("tokenizer"),
@@ -110,7 +109,7 @@ def prepare_dataset(src: str | Path, dst: str | Path, *, prompt_column: str = "p
 
     ``dst`` is written atomically (a temporary file renamed into place); ``src`` is never modified.
     """
-    import pandas as pd
+    import pandas as pd  # deferred: pandas (slow import, fast CLI start)
 
     df = pd.read_parquet(src)
     if prompt_column not in df.columns:

@@ -10,7 +10,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
+import httpx
+
 from cmerl.formatting import render_context
+from cmerl.http_retry import RetriesExhaustedError, RetryPolicy, send_with_retries
 from cmerl.judging.prompt import (
     DEFAULT_MAX_RESPONSE_CHARS,
     Job,
@@ -58,8 +61,6 @@ class OpenAIJudge:
                  max_tokens: int = 16, timeout: float = 120.0, concurrency: int = 4, retries: int = 3,
                  prompt: JudgePrompt | None = None, max_response_chars: int = DEFAULT_MAX_RESPONSE_CHARS,
                  template_tokenizer: str | None = None):
-        import httpx
-
         if api not in ("chat", "completions"):
             raise ValueError(f"api must be 'chat' or 'completions' (got {api!r})")
         if not base_url.startswith(("http://", "https://")):
@@ -85,6 +86,7 @@ class OpenAIJudge:
         self.template_tokenizer = template_tokenizer
         self._tok = None
         if template_tokenizer:
+            # deferred: torch, via cmerl.models (slow import, loaded only when used)
             from cmerl.models import load_tokenizer
 
             self._tok = load_tokenizer(template_tokenizer)
@@ -108,9 +110,6 @@ class OpenAIJudge:
     def _post(self, path: str, body: dict) -> dict:
         """POST with cmerl's retry policy (:mod:`cmerl.http_retry`: ``retries`` retries of connection errors
         and 408/429/5xx, honouring ``Retry-After`` up to 8 s); any other non-200 answer raises at once."""
-        # imported here like httpx in __init__: judging loads without the HTTP stack
-        from cmerl.http_retry import RetriesExhaustedError, RetryPolicy, send_with_retries
-
         url = self.base_url + path
         try:
             resp = send_with_retries(lambda: self._client.post(url, json=body),

@@ -16,6 +16,7 @@ from cmerl.judging.prompt import (
     OrderResult,
     truncate_response,
 )
+from cmerl.scoring.requests import plan_batches
 
 
 # --------------------------------------------------------------------------- local judge
@@ -47,6 +48,7 @@ class LocalJudge:
         """Load a judge by model name (packaged alias, HF folder, .gguf, hub id). ``dtype`` ``auto``: bf16
         where the hardware runs it natively, else fp32 (:mod:`cmerl.precision`); the settings record the
         setting as given, so a run resumed on another kind of CPU under ``auto`` is not refused."""
+        # deferred: torch, via cmerl.models (slow import, loaded only when used)
         from cmerl.models import load_model
 
         model, tok = load_model(name, dtype=dtype, role="judge")
@@ -79,8 +81,6 @@ class LocalJudge:
         return ids_a[:p], ids_a[p], ids_b[p]
 
     def judge(self, jobs: Sequence[Job]) -> list[OrderResult]:
-        from cmerl.scoring.requests import plan_batches
-
         encoded = [self.encode_job(j) for j in jobs]
         results: list[OrderResult | None] = [None] * len(jobs)
         for batch in plan_batches([len(e[0]) for e in encoded], self.max_batch_tokens):

@@ -9,8 +9,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cmerl.fingerprint import RunMismatchError
-from cmerl.io import append_jsonl, iter_jsonl
+from tqdm.auto import tqdm
+
+from cmerl.fingerprint import Fingerprint, RunMismatchError, sha256_file, sha256_json
+from cmerl.io import append_jsonl, iter_jsonl, read_records
 from cmerl.judging.prompt import DecisionRule, Job, Judge, JudgePrompt, decide
 
 VERDICTS_KIND = "cmerl.verdicts"
@@ -61,8 +63,6 @@ def load_pairs(a_path: str | Path, b_path: str | Path) -> tuple[list[Pair], list
 
 
 def _outputs_rows(path: str | Path) -> list[dict]:
-    from cmerl.io import read_records
-
     rows, bad = read_records(path)
     if bad:
         raise ValueError(f"{path}: line {bad[0].line}: {bad[0].reason}")
@@ -84,8 +84,6 @@ def verdicts_header(judge: Judge, rule: DecisionRule, prompt: JudgePrompt, *, a:
     ``a`` / ``b`` describe the two systems (``path``, ``generator``); when ``path`` is a file its content
     hash is added as ``sha256``. ``fingerprint`` (:mod:`cmerl.fingerprint`) holds those hashes and the
     judge, decision rule and prompt: :func:`run_judge` refuses to resume a file whose fingerprint differs."""
-    from cmerl.fingerprint import Fingerprint, sha256_file
-
     a, b = dict(a), dict(b)
     for side in (a, b):
         path = side.get("path")
@@ -103,8 +101,6 @@ def verdicts_header(judge: Judge, rule: DecisionRule, prompt: JudgePrompt, *, a:
 def pair_sha256(pair: Pair) -> str:
     """Content hash of what a verdict row judged (instruction and both outputs), kept in every row so a
     resume never keeps a verdict on other outputs."""
-    from cmerl.fingerprint import sha256_json
-
     return sha256_json([pair.instruction, pair.output_a, pair.output_b])
 
 
@@ -125,8 +121,6 @@ def read_verdicts(path: str | Path) -> tuple[dict | None, list[dict]]:
 
 def _same_setup(old: dict, new: dict) -> list[str]:
     if "fingerprint" in new:
-        from cmerl.fingerprint import Fingerprint
-
         if "fingerprint" not in old:
             return ["fingerprint (the file was written by an older cmerl that did not record its inputs)"]
         diffs = Fingerprint.from_dict(new["fingerprint"]).differences(
@@ -181,8 +175,6 @@ def run_judge(judge: Judge, pairs: Sequence[Pair], output: str | Path, *, rule: 
         todo = todo[:max(0, stop_after)]
     bar = None
     if progress and todo:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=2 * len(todo), desc=f"judging ({judge.name})", unit="call")
         judge.progress = bar.update  # type: ignore[attr-defined]
     try:
@@ -235,7 +227,8 @@ def judge_key(header: dict) -> str:
 
     The weights' dtype is left out: ``auto`` picks bf16 or fp32 by hardware, which moves log-probs by
     rounding only, and a measured agreement belongs to the model, prompt and rule."""
-    judge = dict(header["judge"])
+    judge = dict(header.get("judge") or {})
     judge["settings"] = {k: v for k, v in (judge.get("settings") or {}).items() if k != "dtype"}
-    blob = json.dumps([judge, header.get("decision"), header["prompt"]["sha256"]], sort_keys=True)
+    prompt_hash = (header.get("prompt") or {}).get("sha256")  # absent in hand-made headers: no agreement found
+    blob = json.dumps([judge, header.get("decision"), prompt_hash], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

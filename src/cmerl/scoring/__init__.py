@@ -20,6 +20,7 @@ __all__ = ["DEFAULT_LOGPROB_FLOOR", "SIGNALS", "AsyncScorer", "ResponseScore", "
 def __getattr__(name: str):
     if name == "Verifier":
         # Imported on first use, not at the top: the engine needs torch, which an HTTP client does not.
+        # deferred: torch, via cmerl.scoring.local (torch-free CLI start)
         from cmerl.scoring.local import Verifier
 
         globals()["Verifier"] = Verifier

@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from cmerl.formatting import Prompt, RenderConfig
 from cmerl.scoring.requests import (
@@ -99,6 +100,7 @@ class Verifier:
         """Load a verifier by model name (packaged alias, folder, .gguf, hub id). ``dtype`` ``auto``: bf16
         where the hardware runs it natively, else fp32 (:mod:`cmerl.precision`); the choice is logged and
         kept as ``model.cmerl_dtype``."""
+        # deferred: torch, via cmerl.models (slow import, loaded only when used)
         from cmerl.models import load_model
 
         model, tok = load_model(name, dtype=dtype, device=device, role="verifier")
@@ -163,8 +165,6 @@ class Verifier:
             plan = self._plan(prepared, todo)
             iterator = plan
             if progress:
-                from tqdm.auto import tqdm
-
                 iterator = tqdm(plan, desc=f"scoring ({self.name})", unit="batch")
             cached_group, cache = None, None
             for prefix_len, group, rows in iterator:

@@ -112,6 +112,7 @@ class RemoteVerifier:
         url = url.rstrip("/")
         self.url = url.removesuffix("/v1")
         if isinstance(tokenizer, str):
+            # deferred: torch, via cmerl.models (torch-free CLI start)
             from cmerl.models import load_tokenizer
 
             tokenizer = load_tokenizer(tokenizer)

@@ -47,6 +47,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cmerl import __version__
 from cmerl.formatting import RenderConfig
 from cmerl.integrations.openrlhf import (
     DEFAULT_STOP_STRINGS,
@@ -570,8 +571,6 @@ class RewardService:
 
 
 def _version() -> str:
-    from cmerl import __version__
-
     return str(__version__)
 
 

@@ -10,9 +10,11 @@ proxy on every node with ``--ray-proxy-every-node`` and put a load balancer in f
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
+import ray
 from ray import serve
 
 from cmerl.serving.app import ServerConfig, create_app
@@ -24,8 +26,6 @@ class CmeReplica:
     """One replica: loads the verifier at start-up and serves the cmerl app around it."""
 
     def __init__(self, spec: VerifierSpec, config: ServerConfig):
-        import os
-
         self.verifier = spec.load()
         self.config = ServerConfig(**{**config.__dict__,
                                       "extra_health": {**config.extra_health, "replica_pid": os.getpid()}})
@@ -50,7 +50,6 @@ def serve_ray(spec: VerifierSpec, config: ServerConfig, *, host: str = "127.0.0.
               replicas: int = 1, address: str | None = None, replica_cpus: float = 1.0,
               replica_gpus: float = 0.0, proxy_every_node: bool = False, on_ready=None) -> None:
     """Start (or join) Ray, deploy the replicas behind Ray Serve's proxy on host:port, block until a signal."""
-    import ray
 
     ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     stop = threading.Event()

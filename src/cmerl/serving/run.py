@@ -29,6 +29,7 @@ class VerifierSpec:
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot serve, before any model is loaded (ValueError naming the value)."""
+        # deferred: torch, via cmerl.precision (slow import, loaded only when used)
         from cmerl.precision import check_dtype_name
 
         check_dtype_name(self.dtype)
@@ -41,10 +42,11 @@ class VerifierSpec:
 
     def load(self):
         """Load the verifier (setting this process's torch CPU threads first when ``threads`` is given)."""
+        # deferred: torch, via cmerl.scoring.Verifier (slow import, loaded only when used)
         from cmerl.scoring import Verifier
 
         if self.threads is not None:
-            import torch
+            import torch  # deferred: torch (slow import, loaded only when used)
 
             torch.set_num_threads(self.threads)
 
@@ -96,7 +98,7 @@ def serve_http(spec: VerifierSpec, config: ServerConfig, *, host: str = "127.0.0
     which matters for ``port=0``). Shutdown is graceful: uvicorn stops accepting connections, waits up to
     ``config.shutdown_timeout_s`` for requests in flight, then the batcher finishes what is queued.
     """
-    import uvicorn
+    import uvicorn  # deferred: uvicorn (server only)
 
     if log_level not in LOG_LEVELS:
         raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)} (got {log_level!r})")

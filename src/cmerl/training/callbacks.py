@@ -8,6 +8,18 @@ import shutil
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from transformers import TrainerCallback
+
+from cmerl.io import append_jsonl, write_json_atomic
 from cmerl.training.checkpoints import write_run_card
 from cmerl.training.config import (
     CHECKPOINT_PREFIX,
@@ -23,7 +35,6 @@ from cmerl.training.config import (
 
 
 def _trainer_callback_base():
-    from transformers import TrainerCallback
 
     return TrainerCallback
 
@@ -41,7 +52,6 @@ class MetricsLogger(_trainer_callback_base()):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        from cmerl.io import append_jsonl, write_json_atomic
 
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in logs.items()}
         if "train_runtime" in logs:
@@ -61,7 +71,6 @@ class CheckpointFinalizer(_trainer_callback_base()):
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        from cmerl.io import write_json_atomic
 
         ckpt = self.run_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
         if not ckpt.is_dir():
@@ -106,15 +115,6 @@ class RichProgress(_trainer_callback_base()):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
 
         self.console = Console(stderr=True)
         self.progress = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),

@@ -4,15 +4,25 @@ model loads."""
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import math
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from cmerl.configs import find_config
+from cmerl.data import PromptDataError, check_source, source_kind
+from cmerl.fingerprint import same_model
+from cmerl.precision import (
+    check_dtype_name,  # torch: kept out of this module's import
+    resolve_dtype,
+)
+from cmerl.problems import is_problem_source
 from cmerl.training.reward_registry import REWARDS, get_reward
 
 #: What trains the policy (``method``): TRL's GRPOTrainer on the rewards, or one of the two baselines.
@@ -440,9 +450,6 @@ def parse_remote_spec(spec: str) -> tuple[str, dict[str, str]]:
 def validate(cfg: TrainConfig, *, source: str = "<config>") -> None:
     """Checks that need no model: rewards, weights, independence, data file, LoRA, TRL passthrough, and the
     GRPOConfig itself (TRL's own divisibility checks). Raises :class:`ConfigError` / FileNotFoundError."""
-    from cmerl.data import PromptDataError, check_source
-    from cmerl.fingerprint import same_model
-
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"{source}: key {key!r}: {why}")
 
@@ -466,7 +473,6 @@ def validate(cfg: TrainConfig, *, source: str = "<config>") -> None:
                     raise bad("verifiers", f"verifier {v!r} is the policy model {cfg.policy!r}; "
                               f"{verifier_users(cfg)[0]} needs an independent verifier (set "
                               "allow_self_verification: true for the ablation)")
-    from cmerl.precision import check_dtype_name  # torch: kept out of this module's import
 
     for key in ("policy_dtype", "verifier_dtype"):
         try:
@@ -480,7 +486,6 @@ def validate(cfg: TrainConfig, *, source: str = "<config>") -> None:
             raise bad(key, f"must be >= 1 (got {getattr(cfg, key)})")
     if cfg.max_prompts is not None and cfg.max_prompts < 1:
         raise bad("max_prompts", f"must be >= 1 or null (got {cfg.max_prompts})")
-    import math
 
     for key in ("learning_rate", "temperature"):
         value = getattr(cfg, key)
@@ -588,10 +593,6 @@ def uses_verifiers(cfg: TrainConfig) -> bool:
 def _check_maths(cfg: TrainConfig, bad: Callable[[str, str], ConfigError]) -> None:
     """The maths keys: ``answer_weight`` in [0, 1], a finite ``missing_answer_penalty`` >= 0, gold answers
     for ``correctness``, and a signal ``cme_answer`` can take a span mean of."""
-    import math
-
-    from cmerl.problems import is_problem_source
-
     if not 0.0 <= cfg.answer_weight <= 1.0:
         raise bad("answer_weight", f"must be in [0, 1] (got {cfg.answer_weight})")
     if not (math.isfinite(cfg.missing_answer_penalty) and cfg.missing_answer_penalty >= 0):
@@ -629,8 +630,6 @@ GRPO_FIELDS = ("num_generations", "max_completion_length", "temperature", "top_p
 
 
 def default_report_to() -> list[str]:
-    import importlib.util
-
     return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
 
 
@@ -649,7 +648,7 @@ SHARED_TRAINER_FIELDS = ("learning_rate", "lr_scheduler_type", "max_steps", "per
 
 def _trl_config_class(method: str):
     """The TRL config dataclass of a method: GRPOConfig, DPOConfig or SFTConfig."""
-    from trl import DPOConfig, GRPOConfig, SFTConfig
+    from trl import DPOConfig, GRPOConfig, SFTConfig  # deferred: trl (slow import, loaded only when used)
 
     return {"grpo": GRPOConfig, "dpo": DPOConfig, "distill": SFTConfig}[method]
 
@@ -657,7 +656,6 @@ def _trl_config_class(method: str):
 def _trainer_kwargs(cfg: TrainConfig, names: Sequence[str], config_cls, *, for_validation: bool) -> dict[str, Any]:
     """Keyword arguments every method's TRL config gets: ``names`` copied from ``cfg``, cmerl's managed
     settings (run directory, step-wise saving and logging, no tqdm, report_to), then the ``trl:`` passthrough."""
-    import torch
 
     kwargs = {name: getattr(cfg, name) for name in names}
     if "activation_checkpointing" in {f.name for f in fields(config_cls)}:
@@ -690,7 +688,7 @@ def grpo_args(cfg: TrainConfig, *, for_validation: bool = False):
     ``for_validation`` checks a GPU config on a machine without one: bf16/fp16 are switched off there so
     transformers' hardware check does not hide the other errors.
     """
-    from trl import GRPOConfig
+    from trl import GRPOConfig  # deferred: trl (slow import, loaded only when used)
 
     kwargs = _trainer_kwargs(cfg, GRPO_FIELDS, GRPOConfig, for_validation=for_validation)
     kwargs["remove_unused_columns"] = False  # the rewards read the raw_prompt column
@@ -701,7 +699,7 @@ def grpo_args(cfg: TrainConfig, *, for_validation: bool = False):
 def dpo_args(cfg: TrainConfig, *, for_validation: bool = False):
     """The ``trl.DPOConfig`` of a ``method: dpo`` run: the shared keys, ``beta = dpo_beta``, and
     ``max_length = max_prompt_length + max_completion_length`` (prompt + one response, cut at the end)."""
-    from trl import DPOConfig
+    from trl import DPOConfig  # deferred: trl (slow import, loaded only when used)
 
     kwargs = _trainer_kwargs(cfg, SHARED_TRAINER_FIELDS, DPOConfig, for_validation=for_validation)
     kwargs.update(beta=cfg.dpo_beta, max_length=cfg.max_prompt_length + cfg.max_completion_length)
@@ -712,7 +710,7 @@ def sft_args(cfg: TrainConfig, *, for_validation: bool = False):
     """The ``trl.SFTConfig`` of a ``method: distill`` run: the shared keys and the loss on completion tokens
     only. No ``max_length`` cut: prompts fit ``max_prompt_length`` and answers are cut to
     ``max_completion_length`` policy tokens when the dataset is built (the GRPO token budget)."""
-    from trl import SFTConfig
+    from trl import SFTConfig  # deferred: trl (slow import, loaded only when used)
 
     kwargs = _trainer_kwargs(cfg, SHARED_TRAINER_FIELDS, SFTConfig, for_validation=for_validation)
     kwargs.update(completion_only_loss=True, max_length=None)
@@ -728,9 +726,6 @@ def trainer_args(cfg: TrainConfig, *, for_validation: bool = False):
 def resolved_dtypes(cfg: TrainConfig) -> dict[str, str]:
     """What ``policy_dtype`` and ``verifier_dtype`` resolve to on this machine, as printed lines
     (``float32 (trained weights on CPU)``); explicit values are shown as requested. Loads no model."""
-    import torch
-
-    from cmerl.precision import resolve_dtype
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return {"policy": str(resolve_dtype(cfg.policy_dtype, device=device, trained=True)),
@@ -761,8 +756,6 @@ def guard_summary(cfg: TrainConfig) -> str:
 def describe_run(cfg: TrainConfig, *, processes: int = 1) -> str:
     """A few lines saying what a config will do (models, method and rewards, data, batch arithmetic, steps,
     outputs); loads nothing. ``processes``: the data-parallel world size (``accelerate launch --num_processes``)."""
-    from cmerl.data import source_kind
-
     trained = f"LoRA r={cfg.lora_r} (alpha {cfg.lora_alpha})" if cfg.lora else "all weights"
     dtypes = resolved_dtypes(cfg)
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes

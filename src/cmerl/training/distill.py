@@ -28,6 +28,7 @@ import gc
 from pathlib import Path
 from typing import Any
 
+from cmerl import models  # module attribute calls: tests spy on models.load_model
 from cmerl.data import PromptSet, load_prompt_set, to_policy_prompt
 from cmerl.fingerprint import model_fingerprint
 from cmerl.generation import GenerationConfig, PromptItem, generate_outputs, outputs_complete
@@ -79,15 +80,14 @@ def ensure_teacher_outputs(cfg: TrainConfig, policy_tokenizer, *, progress: bool
         if print_status:
             print_status(f"teacher answers: {len(items)} already in {output}")
         return [by_index[it.index] for it in items]
+    # deferred: accelerate / trl (slow imports, loaded only when used)
     from accelerate import PartialState
-
-    from cmerl.models import load_model
 
     device = cfg.verifier_device or str(PartialState().device)
     if print_status:
         print_status(f"teacher answers: {cfg.distill_samples} per prompt for {len(prompt_set.prompts)} prompts from "
              f"{teacher} -> {output}")
-    model, tokenizer = load_model(teacher, dtype=cfg.verifier_dtype, device=device, role="teacher")
+    model, tokenizer = models.load_model(teacher, dtype=cfg.verifier_dtype, device=device, role="teacher")
     try:
         return generate_outputs(model, tokenizer, items, output, generator=teacher, config=generation,
                                 progress=progress, model_fingerprint=weights)
@@ -107,7 +107,7 @@ def teacher_dataset(cfg: TrainConfig, policy_tokenizer) -> tuple[PromptSet, Any,
     (answers the verifier itself stopped at ``max_completion_length``). Raises :class:`ConfigError` when
     the file is missing or incomplete for this config (run ``cmerl distill`` to generate it).
     """
-    from datasets import Dataset
+    from datasets import Dataset  # deferred: datasets (slow import, loaded only when used)
 
     prompt_set = training_prompts(cfg, policy_tokenizer)
     items = teacher_items(cfg, prompt_set)

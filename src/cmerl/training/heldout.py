@@ -25,6 +25,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import TrainerCallback
+
+from cmerl.generation import GenerationConfig, PromptItem, generate_outputs, load_prompt_items
+from cmerl.io import append_jsonl, iter_jsonl, write_json_atomic
 from cmerl.training.config import StatusPrinter, TrainConfig
 
 BEST_DIR = "best"
@@ -83,7 +87,6 @@ def check_split_overlap(split: HeldOutSplit, training: Sequence[str | list], exc
 def heldout_split(cfg: TrainConfig, training: Sequence[str | list], run_heldout: Sequence[str | list]) -> HeldOutSplit:
     """The split of a run (``heldout_eval_prompts``, else the run's own ``heldout_prompts``), first
     ``heldout_eval_n`` prompts, checked against ``training`` and ``heldout_eval_exclude``."""
-    from cmerl.generation import load_prompt_items
 
     if cfg.heldout_eval_prompts is None:
         if not run_heldout:
@@ -101,7 +104,6 @@ def heldout_split(cfg: TrainConfig, training: Sequence[str | list], run_heldout:
 
 
 def _callback_base():
-    from transformers import TrainerCallback
 
     return TrainerCallback
 
@@ -120,7 +122,6 @@ class HeldOutEval(_callback_base()):
         self.print_status = print_status
         self.judge_factory = judge_factory
         self._judge = None
-        from cmerl.generation import GenerationConfig, PromptItem
 
         self.items = [PromptItem(k, t) for k, t in enumerate(split.instructions)]
         self.generation = GenerationConfig(max_new_tokens=cfg.heldout_eval_max_new_tokens, temperature=0.0,
@@ -132,7 +133,6 @@ class HeldOutEval(_callback_base()):
             self.print_status(text)
 
     def _generate(self, model, step: int) -> Path:
-        from cmerl.generation import generate_outputs
 
         path = self.dir / f"outputs_step{step}.json"
         was_training = model.training
@@ -148,6 +148,7 @@ class HeldOutEval(_callback_base()):
             if self.judge_factory is not None:
                 self._judge = self.judge_factory()
             else:
+                # deferred: torch, via cmerl.judge_modes and cmerl.judging (slow import, loaded only when used)
                 from cmerl.judge_modes import build_judge
                 from cmerl.judging import JudgeSpec
 
@@ -163,7 +164,6 @@ class HeldOutEval(_callback_base()):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not state.is_world_process_zero:
             return
-        from cmerl.io import write_json_atomic
 
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.dir / "split.json", {**self.split.to_dict(), "instructions": list(self.split.instructions)})
@@ -173,6 +173,7 @@ class HeldOutEval(_callback_base()):
             self._say(f"held-out evaluation: step-0 outputs on {len(self.items)} prompts of {self.split.name}")
             self._generate(model, 0)
         else:  # resumed without step-0 outputs: make them with the starting model
+            # deferred: torch, via cmerl.evaluation (slow import, loaded only when used)
             from cmerl.evaluation import ensure_outputs
 
             ensure_outputs(self.cfg.policy, self.items, self.dir / "outputs_step0.json", self.generation,
@@ -186,7 +187,7 @@ class HeldOutEval(_callback_base()):
 
     def evaluate(self, model, step: int) -> dict:
         """Generate at ``step``, judge against step 0, record, and refresh ``best/`` when it is the best."""
-        from cmerl.io import append_jsonl
+        # deferred: torch, via cmerl.judging and cmerl.winrates (slow import, loaded only when used)
         from cmerl.judging import DecisionRule, load_pairs, run_judge, verdicts_header
         from cmerl.winrates import summarize_verdicts
 
@@ -212,8 +213,6 @@ class HeldOutEval(_callback_base()):
         return row
 
     def _save_best(self, model, record: dict) -> None:
-        from cmerl.io import write_json_atomic
-
         target = self.run_dir / BEST_DIR
         tmp = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=".best.tmp-"))
         try:
@@ -230,8 +229,6 @@ class HeldOutEval(_callback_base()):
 
 def heldout_rows(run_dir: str | Path) -> list[dict]:
     """The rows of ``RUN_DIR/heldout/heldout.jsonl`` (empty when the run had no held-out evaluation)."""
-    from cmerl.io import iter_jsonl
-
     return list(iter_jsonl(Path(run_dir) / HELDOUT_DIR / "heldout.jsonl"))
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cmerl.diagnostics import RepetitionGuard, batch_diagnostics, repeated_ngram_share
+from cmerl.formatting import TEMPLATE_DEFAULT, RenderConfig, completion_text
 from cmerl.reward_variants import LengthResidualCME, PMICrossModelEntropy
 from cmerl.rewards import CrossModelEntropy, NegativeEntropy, ReverseKL, SelfCertainty, SelfLikelihood
 from cmerl.training.config import ConfigError, TrainConfig, is_remote, parse_remote_spec
@@ -24,16 +25,18 @@ def build_scorer(spec: str, *, dtype: str = "auto", batch_tokens: int = 4096, de
     kwargs = {} if render is None else {"render": render}
     if is_remote(spec):
         try:
+            # deferred: kept here so that an install without the HTTP client fails as a ConfigError
             from cmerl.scoring.remote import RemoteVerifier
         except ImportError as exc:
             raise ConfigError(f"verifier {spec!r} is a URL, but remote scoring (cmerl.scoring.remote) is not "
                               "available in this install") from exc
         url, options = parse_remote_spec(spec)
         return RemoteVerifier(url, options.pop("tokenizer", None), **options, **kwargs)
+    # deferred: torch, via cmerl.scoring.Verifier (slow import, loaded only when used)
     from cmerl.scoring import Verifier
 
     if device is None:
-        from accelerate import PartialState
+        from accelerate import PartialState  # deferred: accelerate (slow import, loaded only when used)
 
         device = str(PartialState().device)
     return Verifier.from_pretrained(spec, dtype=dtype, device=device, max_batch_tokens=batch_tokens, **kwargs)
@@ -41,8 +44,6 @@ def build_scorer(spec: str, *, dtype: str = "auto", batch_tokens: int = 4096, de
 
 def policy_render_config(cfg: TrainConfig):
     """How the policy's prompts are rendered during generation, for scoring with the policy itself."""
-    from cmerl.formatting import TEMPLATE_DEFAULT, RenderConfig
-
     return RenderConfig(system_prompt=cfg.system_prompt if cfg.system_prompt is not None else TEMPLATE_DEFAULT)
 
 
@@ -97,7 +98,6 @@ def completion_sequences(completions: Sequence, completion_ids: Sequence | None)
     else the whitespace-split words of the completion texts."""
     if completion_ids is not None:
         return [list(ids) for ids in completion_ids]
-    from cmerl.formatting import completion_text
 
     return [completion_text(c).split() for c in completions]
 
@@ -152,6 +152,7 @@ class RunRewardContext:
         if self._policy_scorer is None:
             cfg = self.cfg
             if cfg.baseline_scorer == "policy":
+                # deferred: torch, via cmerl.scoring.Verifier (slow import, loaded only when used)
                 from cmerl.scoring import Verifier
 
                 # The live policy: same object the trainer updates (LoRA layers are injected into it in place).

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import tempfile
@@ -13,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from cmerl import models  # module attribute calls: tests spy on models.load_model
+from cmerl.data import load_preference_set, load_prompt_set, to_dataset, to_preference_dataset
 from cmerl.training.callbacks import CheckpointFinalizer, MetricsLogger, RichProgress
 from cmerl.training.checkpoints import (
     checkpoint_step,
@@ -79,13 +83,13 @@ class TrainResult:
 
 
 def _main_process() -> bool:
-    from accelerate import PartialState
+    from accelerate import PartialState  # deferred: accelerate (slow import, loaded only when used)
 
     return PartialState().is_main_process
 
 
 def _wait_for_everyone() -> None:
-    from accelerate import PartialState
+    from accelerate import PartialState  # deferred: accelerate (slow import, loaded only when used)
 
     PartialState().wait_for_everyone()
 
@@ -122,11 +126,9 @@ def build_session(cfg: TrainConfig, *, resume_from: Path | None = None, progress
                   print_status: StatusPrinter | None = None) -> TrainingSession:
     """Load tokenizer, prompts, policy and verifiers, and build the ``GRPOTrainer`` with cmerl's callbacks
     (``method: dpo`` / ``distill``: the baseline's trainer, see :func:`build_baseline_session`)."""
+    # deferred: accelerate / trl (slow imports, loaded only when used)
     from accelerate import PartialState
     from trl import GRPOTrainer
-
-    from cmerl.data import load_prompt_set, to_dataset
-    from cmerl.models import load_model, load_tokenizer
 
     if cfg.method != "grpo":
         return build_baseline_session(cfg, resume_from=resume_from, progress=progress, print_status=print_status)
@@ -138,7 +140,7 @@ def build_session(cfg: TrainConfig, *, resume_from: Path | None = None, progress
         if print_status is not None and (every_rank or state.is_main_process):
             print_status(rank + text if every_rank else text)
 
-    tokenizer = load_tokenizer(cfg.policy)
+    tokenizer = models.load_tokenizer(cfg.policy)
     prompt_set = load_prompt_set(cfg.prompts, tokenizer, column=cfg.prompt_column, split=cfg.prompt_split,
                                  max_prompt_length=cfg.max_prompt_length, max_prompts=cfg.max_prompts,
                                  heldout=cfg.heldout_prompts, system_prompt=cfg.system_prompt,
@@ -146,6 +148,7 @@ def build_session(cfg: TrainConfig, *, resume_from: Path | None = None, progress
     emit_status(prompt_set.summary())
     split = None
     if cfg.heldout_eval_steps:  # checked before any model loads: an overlapping split is refused
+        # deferred: torch, via cmerl.training.heldout (slow import, loaded only when used)
         from cmerl.training.heldout import heldout_split
 
         split = heldout_split(cfg, prompt_set.prompts, prompt_set.heldout)
@@ -153,7 +156,7 @@ def build_session(cfg: TrainConfig, *, resume_from: Path | None = None, progress
             f"{split.name} (judge {cfg.heldout_eval_judge}); best/ keeps the best win rate vs step 0")
     dataset = to_dataset(prompt_set, tokenizer, cfg.system_prompt)
     emit_status(f"loading policy {cfg.policy} ...")
-    policy, _ = load_model(cfg.policy, dtype=cfg.policy_dtype, trained=True, role="policy",
+    policy, _ = models.load_model(cfg.policy, dtype=cfg.policy_dtype, trained=True, role="policy",
                            show_progress=progress)  # logs "policy <name>: <dtype> (<why>)"
     eos_ids = _eos_ids(policy, tokenizer)
     emit_status("loading reward models: " + ", ".join(
@@ -164,11 +167,13 @@ def build_session(cfg: TrainConfig, *, resume_from: Path | None = None, progress
     run_dir = Path(cfg.output_dir)
     callbacks = _callbacks(cfg, run_dir, progress=progress, print_status=print_status)
     if split is not None:
+        # deferred: torch, via cmerl.training.heldout (slow import, loaded only when used)
         from cmerl.training.heldout import HeldOutEval
 
         callbacks.append(HeldOutEval(cfg, run_dir, split, tokenizer, print_status=print_status))
     trainer_cls, dense_kwargs = GRPOTrainer, {}
     if cfg.dense:  # per-token advantages (docs/training.md "Dense rewards")
+        # deferred: torch, via cmerl.training.dense (slow import, loaded only when used)
         from cmerl.training.dense import DenseGRPOTrainer
 
         trainer_cls, dense_kwargs = DenseGRPOTrainer, {"advantage_estimator": cfg.advantage_estimator}
@@ -189,10 +194,9 @@ def _reference_loadable(policy, cfg: TrainConfig):
     if cfg.beta == 0 or cfg.lora:
         yield
         return
-    from cmerl.models import local_folder
 
     identity = policy.config._name_or_path
-    policy.config._name_or_path = str(local_folder(cfg.policy))
+    policy.config._name_or_path = str(models.local_folder(cfg.policy))
     try:
         yield
     finally:
@@ -203,7 +207,7 @@ def lora_config(cfg: TrainConfig):
     """The ``peft.LoraConfig`` of a ``lora: true`` run (None for full fine-tuning); every method uses it."""
     if not cfg.lora:
         return None
-    from peft import LoraConfig
+    from peft import LoraConfig  # deferred: peft (slow import, loaded only when used)
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
@@ -219,7 +223,6 @@ def _callbacks(cfg: TrainConfig, run_dir: Path, *, progress: bool, print_status:
 
 def _remove_console_callbacks(trainer) -> None:
     """transformers' printer and tqdm callbacks: cmerl's progress bar and metrics.jsonl replace them."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -232,12 +235,8 @@ def build_baseline_session(cfg: TrainConfig, *, resume_from: Path | None = None,
     ``method: distill``: TRL's ``SFTTrainer`` (completion-only loss) on ``RUN_DIR/teacher_outputs.json``
     (:func:`prepare_teacher_outputs` must have run). Both with the run's steps, batch, learning rate, LoRA,
     and the callbacks of a GRPO run: the same ``metrics.jsonl``, checkpoints, run cards and ``final/``."""
-    import copy
-
+    # deferred: accelerate / trl (slow imports, loaded only when used)
     from trl import DPOTrainer, SFTTrainer
-
-    from cmerl.data import load_preference_set, to_preference_dataset
-    from cmerl.models import load_model, load_tokenizer
 
     args = trainer_args(cfg)
     is_main = _main_process()
@@ -246,7 +245,7 @@ def build_baseline_session(cfg: TrainConfig, *, resume_from: Path | None = None,
         if print_status is not None and is_main:
             print_status(text)
 
-    tokenizer = load_tokenizer(cfg.policy)
+    tokenizer = models.load_tokenizer(cfg.policy)
     if cfg.method == "dpo":
         prompt_set, pairs = load_preference_set(
             cfg.prompts, tokenizer, column=cfg.prompt_column, chosen_column=cfg.chosen_column,
@@ -259,7 +258,7 @@ def build_baseline_session(cfg: TrainConfig, *, resume_from: Path | None = None,
         emit_status(f"{prompt_set.summary()}: {counts['answers']} teacher answers, {counts['cut']} cut to "
             f"{cfg.max_completion_length} policy tokens, {counts['length']} stopped by the verifier's token limit")
     emit_status(f"loading policy {cfg.policy} ...")
-    policy, _ = load_model(cfg.policy, dtype=cfg.policy_dtype, trained=True, role="policy",
+    policy, _ = models.load_model(cfg.policy, dtype=cfg.policy_dtype, trained=True, role="policy",
                            show_progress=progress)  # logs "policy <name>: <dtype> (<why>)"
     run_dir = Path(cfg.output_dir)
     peft_config = lora_config(cfg)
@@ -283,10 +282,9 @@ def prepare_teacher_outputs(cfg: TrainConfig, *, progress: bool = False, print_s
     others wait), before the SFT session is built. A no-op for the other methods."""
     if cfg.method != "distill":
         return
-    from cmerl.models import load_tokenizer
 
     if _main_process():
-        ensure_teacher_outputs(cfg, load_tokenizer(cfg.policy), progress=progress, print_status=print_status)
+        ensure_teacher_outputs(cfg, models.load_tokenizer(cfg.policy), progress=progress, print_status=print_status)
     _wait_for_everyone()
 
 
