@@ -564,44 +564,19 @@ def test_baseline_scorer_live_policy_tracks_updates_frozen_copy_does_not(tmp_pat
 def test_remote_verifier_url_trains_with_the_same_rewards(tmp_path, models):
     """`verifiers: [http://...]` scores through a real `cmerl serve` process; the logged rewards equal a
     local re-scoring of the logged completions."""
-    import socket
-
-    import httpx
     import pandas as pd
+    from _server_helpers import ServerProcess
 
     from cmerl.scoring import Verifier
 
     policy, verifier, prompts = models
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "cmerl"), "serve", "--verifier", str(verifier),
-                               "--dtype", "float32", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                              env=SUBPROCESS_ENV)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                pytest.fail(f"verifier server did not start: {server.stderr.read().decode()[-2000:]}")
-            time.sleep(0.3)
-        url = f"http://127.0.0.1:{port}#tokenizer={verifier}&protocol=cmerl"
+    with ServerProcess(["--verifier", str(verifier), "--dtype", "float32"], log=tmp_path / "serve.log",
+                       env=SUBPROCESS_ENV).start() as server:
+        url = f"{server.url}#tokenizer={verifier}&protocol=cmerl"
         cfg = config_from_dict(tiny_config(tmp_path, policy, verifier, prompts, verifiers=[url], max_steps=2,
                                            save_steps=2))
         validate(cfg)
         training.train(cfg)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
     table = pd.read_parquet(Path(cfg.output_dir) / "completions" / "completions_00002.parquet")
     local = Verifier.from_pretrained(str(verifier), dtype="float32")
     scores = local.score([list(p) for p in table["prompt"]], [list(c) for c in table["completion"]])

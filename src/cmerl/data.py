@@ -200,13 +200,20 @@ def to_policy_prompt(prompt: Prompt, tokenizer, system_prompt: str | None = None
     return render_context(tokenizer, prompt, RenderConfig(system_prompt=system_prompt, use_chat_template=False))
 
 
-def prompt_token_count(prompt: Prompt, tokenizer, system_prompt: str | None = None) -> int:
-    """Tokens of the prompt as the policy sees it during GRPO (chat template + generation prompt)."""
+def policy_prompt_ids(prompt: Prompt, tokenizer, system_prompt: str | None = None) -> list[int]:
+    """Token ids of the prompt as the policy sees it during GRPO (:func:`to_policy_prompt`, then the chat
+    template with the generation prompt, or the plain-format text tokenised): the one policy-prompt
+    tokenisation (prompt-length filter, demo samples)."""
     policy_prompt = to_policy_prompt(prompt, tokenizer, system_prompt)
     if isinstance(policy_prompt, str):
-        return len(tokenizer(policy_prompt)["input_ids"])
+        return list(tokenizer(policy_prompt)["input_ids"])
     enc = tokenizer.apply_chat_template(policy_prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return len(enc["input_ids"])
+    return list(enc["input_ids"])
+
+
+def prompt_token_count(prompt: Prompt, tokenizer, system_prompt: str | None = None) -> int:
+    """Tokens of the prompt as the policy sees it during GRPO (:func:`policy_prompt_ids`)."""
+    return len(policy_prompt_ids(prompt, tokenizer, system_prompt))
 
 
 @dataclass

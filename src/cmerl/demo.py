@@ -22,7 +22,7 @@ from rich.table import Table
 from transformers import GenerationConfig
 
 from cmerl.configs import find_config
-from cmerl.data import to_policy_prompt
+from cmerl.data import policy_prompt_ids
 from cmerl.io import write_json_atomic
 from cmerl.judging import DecisionRule, JudgePrompt, LocalJudge, Pair, run_judge, verdicts_header
 from cmerl.metrics import WinRate, format_pct, win_rate
@@ -118,12 +118,7 @@ def generate_greedy(model, tokenizer, prompts: Sequence, *, max_new_tokens: int,
     out = []
     try:
         for p in prompts:
-            pp = to_policy_prompt(p, tokenizer, system_prompt)
-            if isinstance(pp, str):
-                ids = tokenizer(pp)["input_ids"]
-            else:
-                ids = tokenizer.apply_chat_template(pp, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=True)["input_ids"]
+            ids = policy_prompt_ids(p, tokenizer, system_prompt)
             x = torch.tensor([ids], device=model.device)
             with torch.no_grad():
                 y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gen)

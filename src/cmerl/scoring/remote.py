@@ -75,6 +75,38 @@ class ServerInfo:
     logprob_floor: float | None = None
 
 
+def is_remote(spec: str) -> bool:
+    """Whether a verifier name is a server URL (``http(s)://...``) rather than a model name."""
+    return spec.startswith(("http://", "https://"))
+
+
+REMOTE_OPTIONS = ("tokenizer", "protocol", "model")
+
+
+def parse_remote_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``http://host:8000#tokenizer=NAME&protocol=openai&model=M`` -> (url, options).
+
+    ``tokenizer`` (a model name) makes pairs render and tokenize locally (needed for a plain ``vllm serve``);
+    without it a cmerl server renders text pairs itself. ``protocol``: auto, openai or cmerl. Raises
+    ValueError naming an unknown option (configs report it as a ``ConfigError``).
+    """
+    url, _, fragment = spec.partition("#")
+    options: dict[str, str] = {}
+    for part in filter(None, fragment.split("&")):
+        key, eq, value = part.partition("=")
+        if not eq or key not in REMOTE_OPTIONS:
+            raise ValueError(f"verifier {spec!r}: bad option {part!r}; use #key=value with keys "
+                              f"{', '.join(REMOTE_OPTIONS)} joined by &")
+        options[key] = value
+    return url, options
+
+
+def remote_verifier_from_spec(spec: str, **kwargs) -> RemoteVerifier:
+    """The :class:`RemoteVerifier` a ``URL#key=value&...`` verifier name means (:func:`parse_remote_spec`)."""
+    url, options = parse_remote_spec(spec)
+    return RemoteVerifier(url, options.pop("tokenizer", None), **options, **kwargs)
+
+
 class RemoteVerifier:
     """A verifier served over HTTP, with the contract of :class:`~cmerl.scoring.Verifier`.
 

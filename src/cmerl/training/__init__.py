@@ -33,6 +33,7 @@ Run directory layout::
     RUN_DIR/teacher_outputs.json     distill only: the verifier's answers (AlpacaEval outputs format)
 """
 
+from cmerl.scoring.remote import REMOTE_OPTIONS, is_remote, parse_remote_spec
 from cmerl.training.callbacks import (
     CheckpointFinalizer,
     MetricsLogger,
@@ -59,7 +60,6 @@ from cmerl.training.config import (
     MARKER_NAME,
     METHODS,
     METRICS_NAME,
-    REMOTE_OPTIONS,
     RESUME_OVERRIDABLE,
     RUN_CARD_NAME,
     TEACHER_OUTPUTS_NAME,
@@ -77,9 +77,7 @@ from cmerl.training.config import (
     describe_run,
     dpo_args,
     grpo_args,
-    is_remote,
     load_config,
-    parse_remote_spec,
     sft_args,
     trainer_args,
     trl_reward_weights,

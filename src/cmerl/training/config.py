@@ -23,6 +23,7 @@ from cmerl.precision import (
     resolve_dtype,
 )
 from cmerl.problems import is_problem_source
+from cmerl.scoring.remote import is_remote, parse_remote_spec
 from cmerl.training.reward_registry import REWARDS, get_reward
 
 #: What trains the policy (``method``): TRL's GRPOTrainer on the rewards, or one of the two baselines.
@@ -423,30 +424,6 @@ def config_template() -> str:
     return "\n".join(lines) + "\n"
 
 
-def is_remote(spec: str) -> bool:
-    return spec.startswith(("http://", "https://"))
-
-
-REMOTE_OPTIONS = ("tokenizer", "protocol", "model")
-
-
-def parse_remote_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """``http://host:8000#tokenizer=NAME&protocol=openai&model=M`` -> (url, options).
-
-    ``tokenizer`` (a model name) makes pairs render and tokenize locally (needed for a plain ``vllm serve``);
-    without it a cmerl server renders text pairs itself. ``protocol``: auto, openai or cmerl.
-    """
-    url, _, fragment = spec.partition("#")
-    options: dict[str, str] = {}
-    for part in filter(None, fragment.split("&")):
-        key, eq, value = part.partition("=")
-        if not eq or key not in REMOTE_OPTIONS:
-            raise ConfigError(f"verifier {spec!r}: bad option {part!r}; use #key=value with keys "
-                              f"{', '.join(REMOTE_OPTIONS)} joined by &")
-        options[key] = value
-    return url, options
-
-
 def validate(cfg: TrainConfig, *, source: str = "<config>") -> None:
     """Checks that need no model: rewards, weights, independence, data file, LoRA, TRL passthrough, and the
     GRPOConfig itself (TRL's own divisibility checks). Raises :class:`ConfigError` / FileNotFoundError."""
@@ -465,7 +442,7 @@ def validate(cfg: TrainConfig, *, source: str = "<config>") -> None:
             if is_remote(v):
                 try:
                     parse_remote_spec(v)
-                except ConfigError as exc:
+                except ValueError as exc:
                     raise bad("verifiers", str(exc)) from None
         if not cfg.allow_self_verification:
             for v in cfg.verifiers:

@@ -12,7 +12,8 @@ from cmerl.diagnostics import RepetitionGuard, batch_diagnostics, repeated_ngram
 from cmerl.formatting import TEMPLATE_DEFAULT, RenderConfig, completion_text
 from cmerl.reward_variants import LengthResidualCME, PMICrossModelEntropy
 from cmerl.rewards import CrossModelEntropy, NegativeEntropy, ReverseKL, SelfCertainty, SelfLikelihood
-from cmerl.training.config import ConfigError, TrainConfig, is_remote, parse_remote_spec
+from cmerl.scoring.remote import is_remote, remote_verifier_from_spec
+from cmerl.training.config import TrainConfig
 from cmerl.training.reward_registry import RewardContext, get_reward, register_reward
 
 
@@ -24,14 +25,7 @@ def build_scorer(spec: str, *, dtype: str = "auto", batch_tokens: int = 4096, de
     (``cmerl.scoring.remote``)."""
     kwargs = {} if render is None else {"render": render}
     if is_remote(spec):
-        try:
-            # deferred: kept here so that an install without the HTTP client fails as a ConfigError
-            from cmerl.scoring.remote import RemoteVerifier
-        except ImportError as exc:
-            raise ConfigError(f"verifier {spec!r} is a URL, but remote scoring (cmerl.scoring.remote) is not "
-                              "available in this install") from exc
-        url, options = parse_remote_spec(spec)
-        return RemoteVerifier(url, options.pop("tokenizer", None), **options, **kwargs)
+        return remote_verifier_from_spec(spec, **kwargs)
     # deferred: torch, via cmerl.scoring.Verifier (slow import, loaded only when used)
     from cmerl.scoring import Verifier
 
