@@ -271,6 +271,12 @@ def test_eval_math_and_separation_run_resume_and_refuse_other_jobs(tmp_path):
     assert "| signal | AUROC, all |" in format_table(sep)
     records = [json.loads(line) for line in (tmp_path / "sep" / "records.jsonl").read_text().splitlines()]
     assert all(isinstance(r["verifier_logprob_whole"], float) and r["neg_length"] <= 0 for r in records)
+    # the policy's weights replaced in place (same folder name): its old solutions are not reused as its own
+    tiny_random_folder(tmp_path / "policy", "smollm2-135m-instruct", arch="llama", seed=5)
+    with pytest.raises(ValueError, match=r"holds another evaluation \(policy differ"):
+        run_separation(str(policy), str(verifier), "gsm8k:2", tmp_path / "sep",
+                       SeparationSettings(samples=2, max_new_tokens=6, dtype="float32", n_boot=50),
+                       verifier_dtype="float32")
 
 
 @pytest.mark.e2e

@@ -163,7 +163,13 @@ def run_separation(policy: str, verifier: str, problem_set: str, output_dir: str
     """Sample, grade, score and tabulate; see the module docstring."""
     # deferred: torch, via cmerl.evaluation and cmerl.generation and cmerl.scoring.Verifier (slow import, loaded only when used)
     from cmerl.evaluation import generator_label
-    from cmerl.generation import generate_outputs, load_generator, outputs_complete, parse_prompt_spec
+    from cmerl.generation import (
+        generate_outputs,
+        generator_fingerprint,
+        load_generator,
+        outputs_complete,
+        parse_prompt_spec,
+    )
     from cmerl.scoring import Verifier
 
     out = Path(output_dir)
@@ -177,12 +183,14 @@ def run_separation(policy: str, verifier: str, problem_set: str, output_dir: str
     gen_path, rec_path = out / GENERATIONS_NAME, out / RECORDS_NAME
     config = settings.generation_config()
     label = generator_label(policy)
-    records = _complete_records(rec_path, len(items)) if outputs_complete(gen_path, items, generator=label,
-                                                                          config=config) else None
+    weights = generator_fingerprint(policy)  # what the policy's weights are: other weights are refused on resume
+    records = _complete_records(rec_path, len(items)) if outputs_complete(
+        gen_path, items, generator=label, config=config, model_fingerprint=weights) else None
     if records is None or [r["index"] for r in records] != [it.index for it in items]:
         emit_status(f"{len(problems)} problems from {problem_set} x {settings.samples} samples from {policy}")
         model, tok = load_generator(policy, dtype=settings.dtype)
-        rows = generate_outputs(model, tok, items, gen_path, generator=label, config=config, progress=progress)
+        rows = generate_outputs(model, tok, items, gen_path, generator=label, config=config, progress=progress,
+                                model_fingerprint=weights)
         by_index = {r["index"]: r for r in rows}
         by_problem = {p.index: p for p in problems}
         problem_of = {it.index: by_problem[it.index // settings.samples] for it in items}
