@@ -43,9 +43,12 @@ SUMMARY_NAME = "summary.json"
 
 
 @dataclass(frozen=True)
-class MathEvalSettings:
-    """How solutions are produced and graded. ``temperature`` 0 = greedy (then ``samples`` must be 1);
-    ``samples`` k > 1 needs sampling (``temperature`` > 0)."""
+class SolutionSettings:
+    """How solutions to maths problems are produced and graded: ``samples`` per problem at ``temperature``
+    (0 = greedy), ``top_p``, ``max_new_tokens``, ``seed``, ``batch_size``, ``dtype`` of the policy,
+    ``system_prompt``, the ``answer_format`` graded and the problem set's ``split``. Shared by
+    :class:`MathEvalSettings` and :class:`cmerl.separation.SeparationSettings`, which set their own defaults
+    and checks."""
 
     samples: int = 1
     temperature: float = 0.0
@@ -61,9 +64,6 @@ class MathEvalSettings:
     def __post_init__(self) -> None:
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1 (got {self.samples})")
-        if self.samples > 1 and self.temperature == 0:
-            raise ValueError(f"samples={self.samples} with temperature 0 would repeat one greedy solution; "
-                             "set a temperature > 0 to sample")
 
     def generation_config(self):
         # deferred: torch, via cmerl.generation (torch-free CLI start)
@@ -72,6 +72,18 @@ class MathEvalSettings:
         return GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                                 seed=self.seed, batch_size=self.batch_size, dtype=self.dtype,
                                 system_prompt=self.system_prompt)
+
+
+@dataclass(frozen=True)
+class MathEvalSettings(SolutionSettings):
+    """:class:`SolutionSettings` of ``cmerl eval-math``: greedy by default; ``samples`` k > 1 needs sampling
+    (``temperature`` > 0)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(f"samples={self.samples} with temperature 0 would repeat one greedy solution; "
+                             "set a temperature > 0 to sample")
 
 
 def prompt_items(problems: Sequence[Problem], samples: int):

@@ -38,7 +38,14 @@ from cmerl.answers import find_answer, token_indices_in_span
 from cmerl.formatting import RenderConfig
 from cmerl.grading import grade
 from cmerl.io import iter_jsonl, write_json_atomic, write_records
-from cmerl.math_eval import GENERATIONS_NAME, RECORDS_NAME, _model_id, claim_output_dir, prompt_items
+from cmerl.math_eval import (
+    GENERATIONS_NAME,
+    RECORDS_NAME,
+    SolutionSettings,
+    _model_id,
+    claim_output_dir,
+    prompt_items,
+)
 from cmerl.math_rewards import LOGPROB_FLOOR, response_offsets, token_values
 from cmerl.problems import load_problems
 
@@ -58,34 +65,19 @@ SIGNALS: dict[str, str] = {
 
 
 @dataclass(frozen=True)
-class SeparationSettings:
-    """Sampling and grading settings (``samples`` k solutions per problem at ``temperature``)."""
+class SeparationSettings(SolutionSettings):
+    """:class:`~cmerl.math_eval.SolutionSettings` of ``cmerl separation``: ``samples`` k solutions per problem,
+    sampled (``temperature`` > 0); ``n_boot`` bootstrap resamples of each AUROC interval."""
 
     samples: int = 4
     temperature: float = 1.0
-    top_p: float = 1.0
     max_new_tokens: int = 256
-    seed: int = 0
-    batch_size: int = 8
-    dtype: str = "auto"
-    system_prompt: str | None = None
-    answer_format: str = "auto"
-    split: str = "test"
     n_boot: int = 2000
 
     def __post_init__(self) -> None:
-        if self.samples < 1:
-            raise ValueError(f"samples must be >= 1 (got {self.samples})")
+        super().__post_init__()
         if self.temperature <= 0:
             raise ValueError(f"separation samples solutions: temperature must be > 0 (got {self.temperature})")
-
-    def generation_config(self):
-        # deferred: torch, via cmerl.generation (slow import, loaded only when used)
-        from cmerl.generation import GenerationConfig
-
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                                seed=self.seed, batch_size=self.batch_size, dtype=self.dtype,
-                                system_prompt=self.system_prompt)
 
 
 def span_signal(score, response: str, signal: str, answer_format: str) -> tuple[float, float | None]:
