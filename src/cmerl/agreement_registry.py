@@ -31,6 +31,18 @@ PACKAGED_AGREEMENT: dict[str, dict] = {
         ("d2c59df7f6b547b5", "gemma-3-270m", 0.48125, 0.4125, 0.55, 0.0),
     ]
 }
+#: The best packaged judge's agreement on system-vs-system pairs (``cmerl judge-check --pairs phi2`` /
+#: ``fusechat --max-pair-chars 4000 --limit 40``, |margin| >= 0.3; benchmarks/RESULTS.md), by pairs file.
+PACKAGED_AGREEMENT["47167bee90e4f6d6"]["pairs"] = {
+    "phi-2-sft__vs__phi-2": {"judge": "qwen2.5-coder-1.5b-instruct", "pairs_file": "phi-2-sft__vs__phi-2", "min_margin": 0.3,
+        "agreement": 0.6153846153846154, "ci_low": 0.47435897435897434, "ci_high": 0.7564102564102564, "n": 39,
+        "length_baseline": 0.6666666666666666, "position_baseline": 0.358974358974359,
+        "measured": "2026-12-02", "source": "packaged judge-check --pairs, benchmarks/RESULTS.md"},
+    "FuseChat-Llama-3.2-1B-Instruct__vs__gemma-2b-it": {"judge": "qwen2.5-coder-1.5b-instruct", "pairs_file": "FuseChat-Llama-3.2-1B-Instruct__vs__gemma-2b-it", "min_margin": 0.3,
+        "agreement": 0.825, "ci_low": 0.725, "ci_high": 0.9125, "n": 40,
+        "length_baseline": 0.95, "position_baseline": 0.475,
+        "measured": "2026-12-02", "source": "packaged judge-check --pairs, benchmarks/RESULTS.md"},
+}
 
 
 def registry_path() -> Path:
