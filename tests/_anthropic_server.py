@@ -14,32 +14,21 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _eval_helpers import quality, split_responses
-from _server_helpers import ChildServer
+from _server_helpers import ChildServer, JSONHandler
 
 KEY = "test-anthropic-key"
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JSONHandler):
+    extra_headers: ClassVar[dict[str, str]] = {"request-id": "req_test"}
     stats: ClassVar[dict[str, int]] = {}
     lock = threading.Lock()
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _send(self, code: int, obj: dict) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("request-id", "req_test")
-        self.end_headers()
-        self.wfile.write(body)
 
     def _error(self, code: int, kind: str, message: str) -> None:
         self._send(code, {"type": "error", "error": {"type": kind, "message": message}})

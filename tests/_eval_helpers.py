@@ -28,11 +28,11 @@ import os
 import re
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
-from _server_helpers import ChildServer
+from _server_helpers import ChildServer, JSONHandler
 
 SMOLLM = "smollm2-135m-instruct"
 CMERL = str(Path(sys.executable).parent / "cmerl")
@@ -61,23 +61,12 @@ def split_responses(text: str) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------- the server
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JSONHandler):
     server_version = "cmerl-test-judge/1"
     stats: ClassVar[dict[str, int]] = {}
     seen: ClassVar[set[str]] = set()
     lock = threading.Lock()
     api_key: str | None = None
-
-    def log_message(self, *args) -> None:  # quiet
-        pass
-
-    def _send(self, code: int, obj: dict) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self) -> None:
         if self.path == "/health":

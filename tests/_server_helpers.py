@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -13,8 +14,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Self
+from typing import ClassVar, Self
 
 import httpx
 
@@ -38,6 +40,26 @@ def save_tiny_verifier(folder: Path, *, alias: str = SMOLLM, seed: int = 1) -> P
     model.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     return folder
+
+
+class JSONHandler(BaseHTTPRequestHandler):
+    """Base of the scripted test servers' handlers: quiet, and ``_send(code, obj)`` writes ``obj`` as a
+    JSON answer (plus the class's ``extra_headers``)."""
+
+    extra_headers: ClassVar[dict[str, str]] = {}
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _send(self, code: int, obj: dict) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in self.extra_headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
 
 
 class ChildServer:
