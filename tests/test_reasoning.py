@@ -264,18 +264,36 @@ def test_eval_math_and_separation_run_resume_and_refuse_other_jobs(tmp_path):
     with pytest.raises(ValueError, match="temperature 0 would repeat"):
         MathEvalSettings(samples=2)
 
-    sep = run_separation(str(policy), str(verifier), "gsm8k:2", tmp_path / "sep",
-                         SeparationSettings(samples=2, max_new_tokens=6, dtype="float32", n_boot=50),
+    sep_settings = SeparationSettings(samples=2, max_new_tokens=6, dtype="float32", n_boot=50)
+    sep = run_separation(str(policy), str(verifier), "gsm8k:2", tmp_path / "sep", sep_settings,
                          verifier_dtype="float32")
     assert sep.n_solutions == 4 and [row["signal"] for row in sep.table] == list(SIGNALS)
-    assert "| signal | AUROC, all |" in format_table(sep)
+    assert "| signal | scored by | AUROC, all |" in format_table(sep)
     records = [json.loads(line) for line in (tmp_path / "sep" / "records.jsonl").read_text().splitlines()]
-    assert all(isinstance(r["verifier_logprob_whole"], float) and r["neg_length"] <= 0 for r in records)
+    assert all(isinstance(r["policy_logprob_whole"], float) and r["neg_length"] <= 0 for r in records)
+    saved = json.loads((tmp_path / "sep" / "verifier_verifier.json").read_text())
+    assert [r["index"] for r in saved["signals"]] == [r["index"] for r in records]
+    assert all(isinstance(r["verifier_logprob_whole"], float) for r in saved["signals"])
+
+    # a second verifier on the same solutions: nothing is sampled or rescored but the new verifier
+    other = tiny_random_folder(tmp_path / "other", "gemma-3-270m", arch="gemma3_text", seed=2)
+    stamps = {f: (tmp_path / "sep" / f).stat().st_mtime_ns for f in ("generations.json", "records.jsonl",
+                                                                      "verifier_verifier.json")}
+    both = run_separation(str(policy), [str(verifier), str(other)], "gsm8k:2", tmp_path / "sep", sep_settings,
+                          verifier_dtype="float32")
+    assert {f: (tmp_path / "sep" / f).stat().st_mtime_ns for f in stamps} == stamps
+    by = [(row.get("verifier"), row["signal"]) for row in both.table]
+    assert by[:4] == [(str(verifier), n) for n in SIGNALS if n.startswith("verifier_")]
+    assert by[4:8] == [(str(other), n) for n in SIGNALS if n.startswith("verifier_")]
+    assert both.table[:4] == sep.table[:4] and both.table[8:] == sep.table[4:]  # same solutions, same AUROCs
+    other_signals = json.loads((tmp_path / "sep" / "verifier_other.json").read_text())["signals"]
+    assert [r["verifier_logprob_whole"] for r in other_signals] != [r["verifier_logprob_whole"] for r in saved["signals"]]
+    with pytest.raises(ValueError, match="the same verifier is given twice"):
+        run_separation(str(policy), [str(verifier), str(verifier)], "gsm8k:2", tmp_path / "sep", sep_settings)
     # the policy's weights replaced in place (same folder name): its old solutions are not reused as its own
     tiny_random_folder(tmp_path / "policy", "smollm2-135m-instruct", arch="llama", seed=5)
     with pytest.raises(ValueError, match=r"holds another evaluation \(policy differ"):
-        run_separation(str(policy), str(verifier), "gsm8k:2", tmp_path / "sep",
-                       SeparationSettings(samples=2, max_new_tokens=6, dtype="float32", n_boot=50),
+        run_separation(str(policy), str(verifier), "gsm8k:2", tmp_path / "sep", sep_settings,
                        verifier_dtype="float32")
 
 

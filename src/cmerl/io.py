@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -225,3 +226,10 @@ def write_records(path: str | Path, rows: list[dict]) -> None:
         write_atomic(p, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     else:
         write_json_atomic(p, rows)
+
+
+def name_slug(name: str, max_chars: int = 80) -> str:
+    """A file-name-safe form of a model or judge name: an existing path gives its last part, every run of
+    other characters than letters, digits, ``.``, ``_`` and ``-`` becomes ``_``
+    (``anthropic:claude-x@http://h`` -> ``anthropic_claude-x_http_h``); at most ``max_chars`` characters."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name if Path(name).exists() else name).strip("_")[:max_chars]

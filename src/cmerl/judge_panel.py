@@ -11,11 +11,11 @@ pairs, :func:`cmerl.winrates.agreement_text`).
 from __future__ import annotations
 
 import gc
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cmerl.io import name_slug
 from cmerl.judging import DecisionRule, JudgeConnectionError, Pair, run_judge, verdicts_header
 from cmerl.metrics import format_pct
 from cmerl.models import ModelNotAvailableError
@@ -24,17 +24,12 @@ from cmerl.winrates import agreement_text, summarize_verdicts
 PANEL_SUFFIX = ".panel.json"
 
 
-def judge_slug(name: str) -> str:
-    """A file-name-safe form of a judge name (``anthropic:claude-x@http://h`` -> ``anthropic_claude-x_http_h``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name if Path(name).exists() else name).strip("_")[:80]
-
-
 def panel_paths(output: str | Path, names: Sequence[str]) -> list[Path]:
     """Verdicts file of each judge: ``output`` itself for one judge, else ``<stem>.<judge>.jsonl`` beside it."""
     out = Path(output)
     if len(names) == 1:
         return [out]
-    slugs = [judge_slug(n) for n in names]
+    slugs = [name_slug(n) for n in names]
     if len(set(slugs)) != len(slugs):
         raise ValueError(f"the same judge is given twice: {list(names)}")
     stem = out.name.removesuffix(".jsonl")

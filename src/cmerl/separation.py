@@ -22,14 +22,19 @@ floor, as the ``cme_answer`` reward does), so the "all" column rewards a signal 
 presence; the "answered" column ranks only solutions that have an answer, which isolates what the
 likelihood of the answer itself says.
 
-Files in the output folder: ``job.json`` (what was asked, fingerprinted: a rerun must ask the same),
-``generations.json`` (resumable sampling), ``records.jsonl`` (one row per solution with its grade and
-every signal; reused when complete) and ``separation.json`` (the table).
+Several verifiers can be compared on the same solutions: the policy samples, grades and self-scores once,
+and each verifier adds its own signals. Files in the output folder: ``job.json`` (what was asked, without
+the verifiers, fingerprinted: a rerun must ask the same), ``generations.json`` (resumable sampling),
+``records.jsonl`` (one row per solution with its grade, the policy's and length signals; reused when
+complete), ``verifier_<name>.json`` (one verifier's signals per solution, with the verifier's identity
+and dtype; reused when they match, so a rerun with one more ``--verifier`` scores only that one) and
+``separation.json`` (the table).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +42,7 @@ from pathlib import Path
 from cmerl.answers import find_answer, token_indices_in_span
 from cmerl.formatting import RenderConfig
 from cmerl.grading import grade
-from cmerl.io import iter_jsonl, write_json_atomic, write_records
+from cmerl.io import iter_jsonl, name_slug, write_json_atomic, write_records
 from cmerl.math_eval import (
     GENERATIONS_NAME,
     RECORDS_NAME,
@@ -104,26 +109,36 @@ def add_signals(records: list[dict], scores: Sequence, who: str, answer_format: 
                 s, r["response"], "neg_entropy", answer_format)
 
 
-def separation_table(records: Sequence[dict], *, n_boot: int = 2000, seed: int = 0) -> list[dict]:
+def separation_table(records: Sequence[dict], verifier_signals: Sequence[Sequence[dict]] = (),
+                     verifiers: Sequence[str] = (), *, n_boot: int = 2000, seed: int = 0) -> list[dict]:
     """One row per signal: AUROC over all solutions and over answered ones, with intervals (see module
-    docstring). A missing answer-span value counts as the floor in "all"."""
+    docstring). A missing answer-span value counts as the floor in "all". ``verifier_signals[j]`` holds
+    verifier ``verifiers[j]``'s signals, one row per record in the same order; its rows come first (each
+    with ``"verifier"``), then the policy's and the length baseline. Signals already in ``records`` are
+    tabulated too (a records file of an older, single-verifier run)."""
     # deferred: numpy, via cmerl.metrics (slow import, loaded only when used)
     from cmerl.metrics import auroc_interval
 
     labels = [bool(r["correct"]) for r in records]
     groups = [r["problem_index"] for r in records]
     answered = [i for i, r in enumerate(records) if r["extracted"] is not None]
-    rows = []
-    for name, what in SIGNALS.items():
-        if not all(name in r for r in records):
-            continue
-        values = [LOGPROB_FLOOR if r[name] is None else float(r[name]) for r in records]
-        have = [i for i in answered if records[i][name] is not None]
+
+    def row(name: str, rows: Sequence[dict]) -> dict:
+        values = [LOGPROB_FLOOR if r[name] is None else float(r[name]) for r in rows]
+        have = [i for i in answered if rows[i][name] is not None]
         all_ = auroc_interval(values, labels, groups, n_boot=n_boot, seed=seed)
         ans = auroc_interval([values[i] for i in have], [labels[i] for i in have], [groups[i] for i in have],
                              n_boot=n_boot, seed=seed)
-        rows.append({"signal": name, "what": what, "all": all_.to_dict(), "answered": ans.to_dict()})
-    return rows
+        return {"signal": name, "what": SIGNALS[name], "all": all_.to_dict(), "answered": ans.to_dict()}
+
+    table = []
+    for name_v, rows in zip(verifiers, verifier_signals, strict=True):
+        if [r["index"] for r in rows] != [r["index"] for r in records]:
+            raise ValueError(f"the signals of verifier {name_v} are not for these solutions")
+        table += [{**row(name, rows), "verifier": name_v} for name in SIGNALS
+                  if name.startswith("verifier_") and all(name in r for r in rows)]
+    table += [row(name, records) for name in SIGNALS if all(name in r for r in records)]
+    return table
 
 
 @dataclass
@@ -145,14 +160,30 @@ class SeparationResult:
 
 
 def _complete_records(path: Path, n: int) -> list[dict] | None:
-    rows = list(iter_jsonl(path))
-    return rows if len(rows) == n and all("verifier_logprob_whole" in r for r in rows) else None
+    rows = list(iter_jsonl(path)) if path.is_file() else []
+    return rows if len(rows) == n and all("policy_logprob_whole" in r for r in rows) else None
 
 
-def run_separation(policy: str, verifier: str, problem_set: str, output_dir: str | Path,
+def verifier_signals_path(output_dir: Path, verifier: str) -> Path:
+    """Where one verifier's signals live in a separation folder."""
+    return output_dir / f"verifier_{name_slug(verifier)}.json"
+
+
+def _saved_verifier_signals(path: Path, identity: dict, indices: list[int]) -> list[dict] | None:
+    """The rows of ``path`` when it was written by the same verifier (identity, dtype) for these solutions."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved.get("verifier") != identity or [r["index"] for r in saved.get("signals", [])] != indices:
+        return None
+    return saved["signals"]
+
+
+def run_separation(policy: str, verifiers: str | Sequence[str], problem_set: str, output_dir: str | Path,
                    settings: SeparationSettings = SeparationSettings(), *, verifier_dtype: str = "auto",
                    batch_tokens: int = 4096, progress: bool = False, print_status: StatusPrinter | None = None) -> SeparationResult:
-    """Sample, grade, score and tabulate; see the module docstring."""
+    """Sample, grade, score (the policy once, then each verifier) and tabulate; see the module docstring.
+    ``verifiers``: one name or several (each adds four signals, in the order given)."""
     # deferred: torch, via cmerl.evaluation and cmerl.generation and cmerl.scoring.Verifier (slow import, loaded only when used)
     from cmerl.evaluation import generator_label
     from cmerl.generation import (
@@ -164,57 +195,73 @@ def run_separation(policy: str, verifier: str, problem_set: str, output_dir: str
     )
     from cmerl.scoring import Verifier
 
+    names = [verifiers] if isinstance(verifiers, str) else list(verifiers)
+    if not names:
+        raise ValueError("separation needs at least one verifier")
+    slugs = [name_slug(v) for v in names]
+    if len(set(slugs)) != len(slugs):
+        raise ValueError(f"the same verifier is given twice: {names}")
     out = Path(output_dir)
     emit_status = print_status or (lambda _m: None)
     problems = load_problems(problem_set, split=settings.split)
     recorded = {k: v for k, v in asdict(settings).items() if k not in ("batch_size", "n_boot")}
     job = claim_output_dir(out, {"kind": "cmerl.separation", "policy": _model_id(policy),
-                                 "verifier": _model_id(verifier), "verifier_dtype": verifier_dtype,
                                  "problems": parse_prompt_spec(problem_set)[0], "settings": recorded})
+    identities = [{**_model_id(v), "dtype": verifier_dtype} for v in names]
     items = prompt_items(problems, settings.samples)
+    indices = [it.index for it in items]
     gen_path, rec_path = out / GENERATIONS_NAME, out / RECORDS_NAME
     config = settings.generation_config()
     label = generator_label(policy)
     weights = generator_fingerprint(policy)  # what the policy's weights are: other weights are refused on resume
     records = _complete_records(rec_path, len(items)) if outputs_complete(
         gen_path, items, generator=label, config=config, model_fingerprint=weights) else None
-    if records is None or [r["index"] for r in records] != [it.index for it in items]:
+    by_problem = {p.index: p for p in problems}
+    if records is None or [r["index"] for r in records] != indices:
         emit_status(f"{len(problems)} problems from {problem_set} x {settings.samples} samples from {policy}")
         model, tok = load_generator(policy, dtype=settings.dtype)
         rows = generate_outputs(model, tok, items, gen_path, generator=label, config=config, progress=progress,
                                 model_fingerprint=weights)
         by_index = {r["index"]: r for r in rows}
-        by_problem = {p.index: p for p in problems}
-        problem_of = {it.index: by_problem[it.index // settings.samples] for it in items}
         records = []
         for it in items:
-            row, p = by_index[it.index], problem_of[it.index]
+            row, p = by_index[it.index], by_problem[it.index // settings.samples]
             g = grade(row["output"], p.answer, answer_format=settings.answer_format)
             records.append({"index": it.index, "problem_index": p.index, "sample": it.index % settings.samples,
                             "gold": p.answer, "response": row["output"], "extracted": g.extracted,
                             "correct": g.correct, "finish_reason": row.get("finish_reason"),
                             "n_tokens": row.get("n_tokens"), "neg_length": -float(row.get("n_tokens") or 0)})
-        prompts = [problem_of[r["index"]].prompt for r in records]
-        responses = [r["response"] for r in records]
         emit_status("scoring with the policy itself (self-likelihood)")
         self_scorer = Verifier(model, tok, name=f"{policy} (policy)", max_batch_tokens=batch_tokens,
                                render=RenderConfig(system_prompt=settings.system_prompt))
-        add_signals(records, self_scorer.score(prompts, responses, progress=progress), "policy",
-                    settings.answer_format, entropy=False)
+        add_signals(records, self_scorer.score([by_problem[r["problem_index"]].prompt for r in records],
+                                               [r["response"] for r in records], progress=progress),
+                    "policy", settings.answer_format, entropy=False)
         del self_scorer, model
         gc.collect()
-        emit_status(f"scoring with the verifier {verifier}")
-        v = Verifier.from_pretrained(verifier, dtype=verifier_dtype, max_batch_tokens=batch_tokens)
-        add_signals(records, v.score(prompts, responses, entropy=True, progress=progress), "verifier",
-                    settings.answer_format, entropy=True)
-        del v
-        gc.collect()
         write_records(rec_path, records)
-    table = separation_table(records, n_boot=settings.n_boot, seed=settings.seed)
+    prompts = [by_problem[r["problem_index"]].prompt for r in records]
+    per_verifier: list[list[dict]] = []
+    for name, identity in zip(names, identities, strict=True):
+        path = verifier_signals_path(out, name)
+        signals = _saved_verifier_signals(path, identity, indices)
+        if signals is None:
+            emit_status(f"scoring with the verifier {name}")
+            v = Verifier.from_pretrained(name, dtype=verifier_dtype, max_batch_tokens=batch_tokens)
+            signals = [{"index": r["index"], "response": r["response"]} for r in records]
+            add_signals(signals, v.score(prompts, [r["response"] for r in records], entropy=True, progress=progress),
+                        "verifier", settings.answer_format, entropy=True)
+            for row in signals:
+                del row["response"]
+            del v
+            gc.collect()
+            write_json_atomic(path, {"verifier": identity, "signals": signals})
+        per_verifier.append(signals)
+    table = separation_table(records, per_verifier, names, n_boot=settings.n_boot, seed=settings.seed)
     result = SeparationResult(table=table, n_problems=len(problems), n_solutions=len(records),
                               n_correct=sum(bool(r["correct"]) for r in records),
                               n_answered=sum(r["extracted"] is not None for r in records),
-                              job={**job, "selection": problem_set}, output_dir=out)
+                              job={**job, "selection": problem_set, "verifiers": identities}, output_dir=out)
     write_json_atomic(out / RESULT_NAME, result.to_dict())
     return result
 
@@ -226,13 +273,17 @@ def _cell(a: dict) -> str:
 
 
 def format_table(result: SeparationResult) -> str:
-    """The table as markdown (AUROC [95% interval], all solutions and answered ones)."""
+    """The table as markdown (AUROC [95% interval], all solutions and answered ones; one block of rows per
+    verifier, then the policy's own and the length baseline)."""
+    verifiers = [v["name"] for v in result.job.get("verifiers", [])]
     lines = [(f"{result.n_solutions} solutions of {result.n_problems} problems ({result.job['selection']}): "
               f"{result.n_correct} correct, {result.n_answered} with a final answer. "
-              f"Policy {result.job['policy']['name']}, verifier {result.job['verifier']['name']}."),
-             "", "| signal | AUROC, all | AUROC, answered |", "|---|---|---|"]
+              f"Policy {result.job['policy']['name']}, verifier{'s' if len(verifiers) > 1 else ''} "
+              f"{', '.join(verifiers)}."),
+             "", "| signal | scored by | AUROC, all | AUROC, answered |", "|---|---|---|---|"]
     for row in result.table:
-        lines.append(f"| {row['what']} | {_cell(row['all'])} | {_cell(row['answered'])} |")
+        by = row.get("verifier") or ("(length)" if row["signal"] == "neg_length" else "policy")
+        lines.append(f"| {row['what']} | {by} | {_cell(row['all'])} | {_cell(row['answered'])} |")
     lines.append("")
     lines.append("AUROC > 0.5: correct solutions score higher (ties count 1/2); 95% bootstrap intervals over problems.")
     return "\n".join(lines)

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import gc
-import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import typer
 from rich.console import Console
 
 from cmerl.cli.app import app, dtype_option, either_spelling, input_errors, old_spelling
-from cmerl.io import skipped_lines, write_json_atomic
+from cmerl.io import name_slug, skipped_lines, write_json_atomic
 
 # Judge options shared by judge, judge-check and eval.
 JUDGE = typer.Option(..., "--judge", "-j", help="Judge model: a cmerl model name (packaged alias, HF folder, "
@@ -85,10 +84,6 @@ def _console():
 def _fail(message: str) -> None:
     _console().print(f"[red]error:[/red] {message}", soft_wrap=True, markup=True, highlight=False)
     raise typer.Exit(1)
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name if Path(name).exists() else name).strip("_")
 
 
 @app.command()
@@ -228,7 +223,7 @@ def judge_check(
     data = either_spelling(input, data, new_flag="--input", old_flag="--data")
     if pairs and data:
         _fail("pass --input (annotations) or --pairs (system-vs-system pairs), not both")
-    out = output_dir or Path("judge_check") / _slug(judge) / (_slug(pairs) if pairs else "")
+    out = output_dir or Path("judge_check") / name_slug(judge, 200) / (name_slug(pairs, 200) if pairs else "")
     try:
         spec = _judge_spec(judge, judge_url, judge_api, api_key_env, logprobs, template_from, judge_dtype,
                            max_response_chars, prompt_file, concurrency)

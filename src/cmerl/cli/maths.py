@@ -74,10 +74,12 @@ def eval_math(
 @app.command()
 def separation(
     policy: str = typer.Option(..., "--policy", "-p", help="Model that writes the solutions (name or folder)."),
-    verifier: str = typer.Option(..., "--verifier", "-v", help="Model whose likelihood is tested (name or folder)."),
+    verifier: list[str] = typer.Option(..., "--verifier", "-v", help="Model whose likelihood is tested (name or "
+                                       "folder); repeat to compare several on the same solutions."),
     dataset: str = typer.Option(..., "--dataset", "-d", help=DATASET_HELP),
     output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Folder for job.json, generations.json, "
-                                    "records.jsonl, separation.json (rerun to resume)."),
+                                    "records.jsonl, verifier_<name>.json, separation.json (rerun to resume; "
+                                    "a rerun with another --verifier reuses the solutions)."),
     samples: int = typer.Option(4, "--samples", "-k", help="Solutions sampled per problem."),
     temperature: float = typer.Option(1.0, help="Sampling temperature (> 0)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling."),
