@@ -212,7 +212,7 @@ def test_maths_keys_are_validated():
 
 
 def _configs() -> list[Path]:
-    return [REPO / "configs" / "gsm8k-cpu.yaml", *sorted((REPO / "configs" / "paper").glob("*.yaml"))]
+    return [REPO / "configs" / "gsm8k-cpu.yaml", REPO / "configs" / "gsm8k-qwen-cpu.yaml", *sorted((REPO / "configs" / "paper").glob("*.yaml"))]
 
 
 def test_paper_and_maths_configs_validate_and_name_their_reference():
