@@ -26,7 +26,7 @@ from pathlib import Path
 
 from cmerl.evaluation import ensure_outputs
 from cmerl.generation import GenerationConfig, PromptItem, load_prompt_items
-from cmerl.io import read_records, write_json_atomic, write_records
+from cmerl.io import read_records, write_json_atomic, write_records, write_text_atomic
 from cmerl.judge_panel import run_panel
 from cmerl.judging import DecisionRule, load_pairs
 from cmerl.metrics import format_pct
@@ -149,7 +149,7 @@ def run_matrix(systems: Sequence[System], judges: Sequence[tuple[str, Callable[[
         pair_results.append({"a": a, "b": b, "folder": str(folder), "panel": panel.to_dict()})
     result = MatrixResult(labels, matrix, lc, pair_results, [name for name, _ in judges], prompts)
     write_json_atomic(out / MATRIX_JSON, result.to_dict())
-    (out / MATRIX_MD).write_text(matrix_markdown(result), encoding="utf-8")
+    write_text_atomic(out / MATRIX_MD, matrix_markdown(result))
     log("[3/3] writing the report")
     write_report(out)
     return result

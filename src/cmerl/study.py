@@ -51,7 +51,7 @@ import yaml
 
 from cmerl.configs import CONFIG_ROOT
 from cmerl.data import load_prompt_set
-from cmerl.io import append_jsonl, iter_jsonl, read_records, write_json_atomic
+from cmerl.io import append_jsonl, iter_jsonl, read_records, write_json_atomic, write_text_atomic
 
 PHASES = ("train", "heldout", "generate", "judge", "report")
 CONFIG_DIR = CONFIG_ROOT / "study"  # the packaged rows (configs/study/ in a checkout)
@@ -803,6 +803,6 @@ def update_table_files(files: Sequence[str | Path], results_root: str | Path = R
             new = text.rstrip("\n") + ("\n\n" if text else "") + f"{heading}\n\n{block}\n"
         if new != text:
             f.parent.mkdir(parents=True, exist_ok=True)
-            f.write_text(new, encoding="utf-8")
+            write_text_atomic(f, new)
             changed.append(f)
     return changed

@@ -201,7 +201,7 @@ def write_run_card(folder: Path, cfg: TrainConfig, log_history: Sequence[dict], 
     else:
         lines.append("(no logged steps yet)")
     lines += ["", "## Config", "", "```yaml", config_to_yaml(cfg).rstrip(), "```", ""]
-    (folder / RUN_CARD_NAME).write_text("\n".join(lines), encoding="utf-8")
+    write_text_atomic(folder / RUN_CARD_NAME, "\n".join(lines))
 
 
 def _write_baseline_card(folder: Path, cfg: TrainConfig, log_history: Sequence[dict], *, step: int) -> None:
@@ -227,6 +227,6 @@ def _write_baseline_card(folder: Path, cfg: TrainConfig, log_history: Sequence[d
     else:
         lines.append("(no logged steps yet)")
     lines += ["", "## Config", "", "```yaml", config_to_yaml(cfg).rstrip(), "```", ""]
-    (folder / RUN_CARD_NAME).write_text("\n".join(lines), encoding="utf-8")
+    write_text_atomic(folder / RUN_CARD_NAME, "\n".join(lines))
 
 

@@ -18,6 +18,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from cmerl import models  # module attribute calls: tests spy on models.load_model
 from cmerl.data import load_preference_set, load_prompt_set, to_dataset, to_preference_dataset
+from cmerl.io import write_text_atomic
 from cmerl.training.callbacks import CheckpointFinalizer, MetricsLogger, RichProgress
 from cmerl.training.checkpoints import (
     checkpoint_step,
@@ -117,7 +118,7 @@ def prepare_run_dir(cfg: TrainConfig, *, resume: bool, print_status: StatusPrint
                 if print_status:
                     print_status(f"removed incomplete checkpoint {p} (no {MARKER_NAME} marker)")
             truncate_metrics(run_dir / METRICS_NAME, checkpoint_step(ckpt) if ckpt else 0)
-        (run_dir / CONFIG_NAME).write_text(config_to_yaml(cfg), encoding="utf-8")
+        write_text_atomic(run_dir / CONFIG_NAME, config_to_yaml(cfg))
     _wait_for_everyone()
     return ckpt
 
