@@ -152,7 +152,6 @@ class AnswerSpanCME(VerifierReward):
         t0 = time.perf_counter()
         texts = [completion_text(c) for c in completions]
         per_scorer = self.score(prompts, completions)
-        self.last_scores = per_scorer
         parts = self.parts(per_scorer, texts)
         self.last_parts = parts
         n = len(texts)
