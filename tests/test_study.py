@@ -247,3 +247,37 @@ def test_random_weights_are_deterministic_and_keep_the_architecture(models, tmp_
     assert not all(torch.equal(loaded[0][k], base[k]) for k in base if "norm" not in k)
     tok = load_tokenizer(name)
     assert tok.get_vocab() == base_tok.get_vocab() and tok.chat_template == base_tok.chat_template
+
+
+@pytest.mark.e2e
+def test_base_outputs_of_another_row_are_reused_not_regenerated(full_run, tmp_path):
+    """A second row with the same untrained base, prompts and greedy settings copies the first row's base
+    outputs (the model is never loaded: its name here does not exist); other settings are not reused."""
+    import dataclasses
+    import shutil
+
+    from cmerl.fingerprint import sidecar_path
+    from cmerl.generation import load_prompt_items
+
+    src_tmp, _ = full_run
+    row = study.load_row("row-tiny", config_dir=src_tmp / "configs", runs_root=src_tmp / "runs")
+    first = tmp_path / "results" / "row-tiny" / "outputs_base.json"
+    first.parent.mkdir(parents=True)
+    done = src_tmp / "results" / "row-tiny" / "outputs_base.json"
+    shutil.copy(done, first)
+    shutil.copy(sidecar_path(done), sidecar_path(first))
+    items, gen = load_prompt_items(row.eval.prompts), study.eval_generation(row)
+    second = tmp_path / "results" / "row-other" / "outputs_base.json"
+    messages = []
+    assert study._generate("no-such-model", items, second, gen, generator=row.eval.base, stop_after=None,
+                           progress=False, reuse_from=tmp_path / "results", print_status=messages.append)
+    assert second.read_bytes() == first.read_bytes()
+    assert sidecar_path(second).read_bytes() == sidecar_path(first).read_bytes()
+    assert any("reused" in m and "row-tiny" in m for m in messages)
+    # longer answers asked for: the first row's file is not a match, so nothing is copied (and stop_after=0
+    # stops before loading the model)
+    longer = dataclasses.replace(gen, max_new_tokens=gen.max_new_tokens + 1)
+    third = tmp_path / "results" / "row-third" / "outputs_base.json"
+    assert not study._generate("no-such-model", items, third, longer, generator=row.eval.base, stop_after=0,
+                               progress=False, reuse_from=tmp_path / "results")
+    assert not third.exists()

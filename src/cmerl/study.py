@@ -51,7 +51,15 @@ import yaml
 
 from cmerl.configs import CONFIG_ROOT
 from cmerl.data import load_prompt_set
-from cmerl.io import append_jsonl, iter_jsonl, read_records, write_json_atomic, write_text_atomic
+from cmerl.fingerprint import sidecar_path
+from cmerl.io import (
+    append_jsonl,
+    iter_jsonl,
+    read_records,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 PHASES = ("train", "heldout", "generate", "judge", "report")
 CONFIG_DIR = CONFIG_ROOT / "study"  # the packaged rows (configs/study/ in a checkout)
@@ -351,13 +359,40 @@ def _check_trained_model(paths: RowPaths, state: dict, key: str) -> str:
     return fp
 
 
+def _copy_complete_sibling(output: Path, items, config, *, generator: str, folders: Path,
+                           print_status: StatusPrinter | None) -> bool:
+    """Copy the first ``folders/*/<output.name>`` (another row's file) that already holds every prompt of
+    ``items`` from ``generator`` with ``config`` into ``output``, with its fingerprint; True if one was found.
+    Used for the untrained base only: the same packaged model, prompts and greedy settings give the same
+    outputs (up to the dtype ``auto`` resolved to on the CPU that made them), so every row is compared with
+    one set of base outputs and none regenerates it."""
+    # deferred: torch, via cmerl.generation (torch-free CLI start)
+    from cmerl.generation import outputs_complete
+
+    for other in sorted(folders.glob(f"*/{output.name}")):
+        if other.resolve() == output.resolve() or not outputs_complete(other, items, generator=generator,
+                                                                         config=config):
+            continue
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(sidecar_path(output), sidecar_path(other).read_bytes())
+        write_bytes_atomic(output, other.read_bytes())
+        if print_status:
+            print_status(f"reused {other} (same model, prompts and settings) for {output}")
+        return True
+    return False
+
+
 def _generate(name: str, items, output: Path, config, *, generator: str, stop_after: int | None,
-              progress: bool) -> bool:
-    """Generate the missing rows of ``output``; True when it is complete."""
+              progress: bool, reuse_from: Path | None = None, print_status: StatusPrinter | None = None) -> bool:
+    """Generate the missing rows of ``output``; True when it is complete. ``reuse_from``: a folder of other
+    rows whose complete file of the same name may be copied instead (:func:`_copy_complete_sibling`)."""
     # deferred: torch, via cmerl.generation (torch-free CLI start)
     from cmerl.generation import generate_outputs, load_generator, outputs_complete
 
     if outputs_complete(output, items, generator=generator, config=config):
+        return True
+    if reuse_from is not None and _copy_complete_sibling(output, items, config, generator=generator,
+                                                         folders=reuse_from, print_status=print_status):
         return True
     if stop_after is not None and stop_after <= 0:
         return False
@@ -411,7 +446,8 @@ def phase_heldout(row: StudyRow, paths: RowPaths, state: dict, *, stop_after: in
         if print_status:
             print_status(f"[heldout] {len(items)} held-out prompts, greedy, {role} policy -> {files[role]}")
         complete &= _generate(name, items, files[role], gen, generator=label, stop_after=stop_after,
-                              progress=progress)
+                              progress=progress, print_status=print_status,
+                              reuse_from=paths.results.parent if role == "base" else None)
     if not complete:
         return PhaseResult("heldout", False, "stopped while generating")
     key = _sha([row.heldout_verifier, trained_fp, [json.loads(files[r].read_text()) for r in ("trained", "base")]])
@@ -474,7 +510,8 @@ def phase_generate(row: StudyRow, paths: RowPaths, state: dict, *, stop_after: i
         out = paths.results / f"outputs_{role}.json"
         if print_status:
             print_status(f"[generate] {len(items)} prompts ({row.eval.prompts}), greedy, {role} model {name} -> {out}")
-        complete &= _generate(name, items, out, gen, generator=label, stop_after=stop_after, progress=progress)
+        complete &= _generate(name, items, out, gen, generator=label, stop_after=stop_after, progress=progress,
+                              print_status=print_status, reuse_from=paths.results.parent if role == "base" else None)
     return PhaseResult("generate", complete, "" if complete else "stopped while generating")
 
 
