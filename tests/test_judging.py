@@ -325,3 +325,22 @@ def test_packaged_agreement_matches_the_default_setup(alias, family, request):
     assert lookup_agreement(header)["judge"] == alias
     other = verdicts_header(judge, DecisionRule(0.5), judge.prompt, a={}, b={})
     assert judge_key(other) not in PACKAGED_AGREEMENT
+
+
+def test_packaged_agreement_of_the_reference_guided_judge(qwen_tokenizer, tiny_qwen):
+    """Qwen2.5-Coder-1.5B in reference-guided mode (the packaged prompt and the bundled GPT-4 Turbo answers)
+    has its own measured pairs agreement, under its own key: the pairwise figures are not inherited."""
+    from cmerl.agreement_registry import PACKAGED_AGREEMENT, lookup_agreement
+    from cmerl.judge_modes import ReferencePrompt
+    from cmerl.judging import judge_key
+
+    judge = LocalJudge(tiny_qwen, qwen_tokenizer, name="qwen2.5-coder-1.5b-instruct", dtype="bfloat16")
+    pairwise = verdicts_header(judge, DecisionRule(), judge.prompt, a={}, b={})
+    reference = ReferencePrompt.build()
+    judge.prompt = reference
+    header = verdicts_header(judge, DecisionRule(), reference, a={}, b={})
+    assert judge_key(header) != judge_key(pairwise)
+    found = lookup_agreement(header)
+    assert found is not None and found.get("agreement") is None  # no easy-pair check in this mode
+    assert set(found["pairs"]) == {"phi-2-sft__vs__phi-2", "FuseChat-Llama-3.2-1B-Instruct__vs__gemma-2b-it"}
+    assert found["pairs"] != PACKAGED_AGREEMENT[judge_key(pairwise)]["pairs"]

@@ -44,6 +44,18 @@ PACKAGED_AGREEMENT["47167bee90e4f6d6"]["pairs"] = {
         "measured": "2026-12-02", "source": "packaged judge-check --pairs, benchmarks/RESULTS.md"},
 }
 
+#: The same judge in reference-guided mode (``--judge-mode reference``), on the same pairs (session 5).
+PACKAGED_AGREEMENT["dc3568a647984d90"] = {"judge": "qwen2.5-coder-1.5b-instruct", "pairs": {
+    "phi-2-sft__vs__phi-2": {"judge": "qwen2.5-coder-1.5b-instruct", "pairs_file": "phi-2-sft__vs__phi-2", "min_margin": 0.3,
+        "agreement": 0.6923076923076923, "ci_low": 0.5512820512820513, "ci_high": 0.8205128205128205, "n": 39,
+        "length_baseline": 0.6666666666666666, "position_baseline": 0.358974358974359,
+        "measured": "2026-12-02", "source": "packaged judge-check --pairs --judge-mode reference, benchmarks/RESULTS.md"},
+    "FuseChat-Llama-3.2-1B-Instruct__vs__gemma-2b-it": {"judge": "qwen2.5-coder-1.5b-instruct", "pairs_file": "FuseChat-Llama-3.2-1B-Instruct__vs__gemma-2b-it", "min_margin": 0.3,
+        "agreement": 0.875, "ci_low": 0.775, "ci_high": 0.9625, "n": 40,
+        "length_baseline": 0.95, "position_baseline": 0.475,
+        "measured": "2026-12-02", "source": "packaged judge-check --pairs --judge-mode reference, benchmarks/RESULTS.md"},
+}}
+
 
 def registry_path() -> Path:
     """This machine's registry of measured agreements: ``$CMERL_CACHE/judge_checks.json``."""
