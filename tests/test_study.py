@@ -281,3 +281,28 @@ def test_base_outputs_of_another_row_are_reused_not_regenerated(full_run, tmp_pa
     assert not study._generate("no-such-model", items, third, longer, generator=row.eval.base, stop_after=0,
                                progress=False, reuse_from=tmp_path / "results")
     assert not third.exists()
+
+
+def test_cli_runs_several_rows_in_order_and_stops_at_the_first_that_fails(tmp_path, models):
+    from typer.testing import CliRunner
+
+    from cmerl.cli import app
+
+    write_row(tmp_path, models, name="row-a")
+    write_row(tmp_path, models, name="row-b", learning_rate=5e-4)
+    dirs = ["--config-dir", str(tmp_path / "configs"), "--runs-dir", str(tmp_path / "runs"),
+            "--results-dir", str(tmp_path / "results")]
+    runner = CliRunner()
+    out = runner.invoke(app, ["study", "run", "--all", "--phases", "train", "--budget", "train=1", *dirs])
+    assert out.exit_code == 0, out.output
+    assert out.output.index("== row 1/2: row-a") < out.output.index("== row 2/2: row-b")
+    for name in ("row-a", "row-b"):  # each row got its one step
+        assert [r["step"] for r in iter_jsonl(tmp_path / "results" / name / "metrics.jsonl")] == [1]
+    bad = runner.invoke(app, ["study", "run", "row-a", "no-such-row", "row-b", "--phases", "train",
+                              "--budget", "train=1", *dirs])
+    assert bad.exit_code == 2
+    assert "no-such-row" in bad.output and "not run: row-b" in bad.output
+    assert [r["step"] for r in iter_jsonl(tmp_path / "results" / "row-a" / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in iter_jsonl(tmp_path / "results" / "row-b" / "metrics.jsonl")] == [1]
+    both = runner.invoke(app, ["study", "run", "row-a", "--all", *dirs])
+    assert both.exit_code == 2 and "not both" in both.output

@@ -49,23 +49,35 @@ def _budget(values: list[str]) -> dict[str, int]:
 
 @study_app.command("run")
 def run(
-    row: str = typer.Argument(..., help="Row name (configs/study/ROW.yaml) or a row YAML file."),
+    rows: list[str] = typer.Argument(None, help="Row names (configs/study/ROW.yaml) or row YAML files, run one "
+                                     "after another."),
+    all_rows: bool = typer.Option(False, "--all", help="Every row in --config-dir, in order (finished phases "
+                                  "are skipped, so done rows cost seconds)."),
     phases: str = typer.Option(None, "--phases", help="Comma list of phases to run (default: all, in order: "
                                "train, heldout, generate, judge, report)."),
     budget: list[str] = typer.Option([], "--budget", help="PHASE=N: at most N new units in this call (train: "
                                      "steps; heldout/generate: prompts per file; judge: pairs); repeatable."),
     config_dir: Path = CONFIG_DIR, runs_dir: Path = RUNS_DIR, results_dir: Path = RESULTS_DIR,
 ) -> None:
-    """Run or continue one row: each phase skips what is done and resumes what was interrupted."""
+    """Run or continue rows: each phase skips what is done and resumes what was interrupted. Several rows
+    run in the order given; the first that fails stops the queue (the rows before it keep their results),
+    one left incomplete by --budget does not."""
     _quiet_libraries()
+    if all_rows == bool(rows):
+        _fail("give row names or --all (not both)")
+    names = row_names(config_dir) if all_rows else list(rows)
     chosen = [p.strip() for p in phases.split(",") if p.strip()] if phases else list(PHASES)
-    try:
-        result = run_row(row, config_dir=config_dir, runs_root=runs_dir, results_root=results_dir,
-                         phases=chosen, budget=_budget(budget), progress=True, print_status=typer.echo)
-    except _errors() as exc:
-        _fail(str(exc))
-    status = "complete" if result.complete else "not complete (rerun the same command to continue)"
-    typer.echo(f"row {result.row}: {status}; results in {result.paths.results}, weights in {result.paths.runs}")
+    for i, row in enumerate(names):
+        if len(names) > 1:
+            typer.echo(f"== row {i + 1}/{len(names)}: {row}")
+        try:
+            result = run_row(row, config_dir=config_dir, runs_root=runs_dir, results_root=results_dir,
+                             phases=chosen, budget=_budget(budget), progress=True, print_status=typer.echo)
+        except _errors() as exc:
+            left = f" (not run: {', '.join(names[i + 1:])})" if names[i + 1:] else ""
+            _fail(f"row {row}: {exc}{left}")
+        status = "complete" if result.complete else "not complete (rerun the same command to continue)"
+        typer.echo(f"row {result.row}: {status}; results in {result.paths.results}, weights in {result.paths.runs}")
 
 
 @study_app.command("status")
