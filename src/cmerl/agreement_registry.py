@@ -31,31 +31,25 @@ PACKAGED_AGREEMENT: dict[str, dict] = {
         ("d2c59df7f6b547b5", "gemma-3-270m", 0.48125, 0.4125, 0.55, 0.0),
     ]
 }
-#: The best packaged judge's agreement on system-vs-system pairs (``cmerl judge-check --pairs phi2`` /
-#: ``fusechat --max-pair-chars 4000 --limit 40``, |margin| >= 0.3; benchmarks/RESULTS.md), by pairs file.
-PACKAGED_AGREEMENT["47167bee90e4f6d6"]["pairs"] = {
-    "phi-2-sft__vs__phi-2": {"judge": "qwen2.5-coder-1.5b-instruct", "pairs_file": "phi-2-sft__vs__phi-2", "min_margin": 0.3,
-        "agreement": 0.6153846153846154, "ci_low": 0.47435897435897434, "ci_high": 0.7564102564102564, "n": 39,
-        "length_baseline": 0.6666666666666666, "position_baseline": 0.358974358974359,
-        "measured": "2026-12-02", "source": "packaged judge-check --pairs, benchmarks/RESULTS.md"},
-    "FuseChat-Llama-3.2-1B-Instruct__vs__gemma-2b-it": {"judge": "qwen2.5-coder-1.5b-instruct", "pairs_file": "FuseChat-Llama-3.2-1B-Instruct__vs__gemma-2b-it", "min_margin": 0.3,
-        "agreement": 0.825, "ci_low": 0.725, "ci_high": 0.9125, "n": 40,
-        "length_baseline": 0.95, "position_baseline": 0.475,
-        "measured": "2026-12-02", "source": "packaged judge-check --pairs, benchmarks/RESULTS.md"},
+PHI2, FUSECHAT = "phi-2-sft__vs__phi-2", "FuseChat-Llama-3.2-1B-Instruct__vs__gemma-2b-it"
+#: (pairs file, agreement, CI low, CI high, n, length-only baseline, position-only baseline) per judge setup
+_PAIRS_MEASURED: dict[tuple[str, str], list[tuple[str, float, float, float, int, float, float]]] = {
+    # the best packaged judge, default setup: ``cmerl judge-check --pairs phi2`` / ``fusechat --max-pair-chars
+    # 4000 --limit 40``, |margin| >= 0.3 (benchmarks/RESULTS.md)
+    ("47167bee90e4f6d6", "packaged judge-check --pairs"): [
+        (PHI2, 0.6153846153846154, 0.47435897435897434, 0.7564102564102564, 39, 0.6666666666666666, 0.358974358974359),
+        (FUSECHAT, 0.825, 0.725, 0.9125, 40, 0.95, 0.475)],
+    # the same judge in reference-guided mode (``--judge-mode reference``), on the same pairs (session 5)
+    ("dc3568a647984d90", "packaged judge-check --pairs --judge-mode reference"): [
+        (PHI2, 0.6923076923076923, 0.5512820512820513, 0.8205128205128205, 39, 0.6666666666666666, 0.358974358974359),
+        (FUSECHAT, 0.875, 0.775, 0.9625, 40, 0.95, 0.475)],
 }
-
-#: The same judge in reference-guided mode (``--judge-mode reference``), on the same pairs (session 5).
-PACKAGED_AGREEMENT["dc3568a647984d90"] = {"judge": "qwen2.5-coder-1.5b-instruct", "pairs": {
-    "phi-2-sft__vs__phi-2": {"judge": "qwen2.5-coder-1.5b-instruct", "pairs_file": "phi-2-sft__vs__phi-2", "min_margin": 0.3,
-        "agreement": 0.6923076923076923, "ci_low": 0.5512820512820513, "ci_high": 0.8205128205128205, "n": 39,
-        "length_baseline": 0.6666666666666666, "position_baseline": 0.358974358974359,
-        "measured": "2026-12-02", "source": "packaged judge-check --pairs --judge-mode reference, benchmarks/RESULTS.md"},
-    "FuseChat-Llama-3.2-1B-Instruct__vs__gemma-2b-it": {"judge": "qwen2.5-coder-1.5b-instruct", "pairs_file": "FuseChat-Llama-3.2-1B-Instruct__vs__gemma-2b-it", "min_margin": 0.3,
-        "agreement": 0.875, "ci_low": 0.775, "ci_high": 0.9625, "n": 40,
-        "length_baseline": 0.95, "position_baseline": 0.475,
-        "measured": "2026-12-02", "source": "packaged judge-check --pairs --judge-mode reference, benchmarks/RESULTS.md"},
-}}
-
+for (_key, _source), _rows in _PAIRS_MEASURED.items():
+    PACKAGED_AGREEMENT.setdefault(_key, {"judge": "qwen2.5-coder-1.5b-instruct"})["pairs"] = {
+        f: {"judge": "qwen2.5-coder-1.5b-instruct", "pairs_file": f, "min_margin": 0.3, "agreement": agr,
+            "ci_low": lo, "ci_high": hi, "n": n, "length_baseline": length, "position_baseline": position,
+            "measured": "2026-12-02", "source": f"{_source}, benchmarks/RESULTS.md"}
+        for f, agr, lo, hi, n, length, position in _rows}
 
 def registry_path() -> Path:
     """This machine's registry of measured agreements: ``$CMERL_CACHE/judge_checks.json``."""
