@@ -288,6 +288,12 @@ def test_eval_math_and_separation_run_resume_and_refuse_other_jobs(tmp_path):
     assert both.table[:4] == sep.table[:4] and both.table[8:] == sep.table[4:]  # same solutions, same AUROCs
     other_signals = json.loads((tmp_path / "sep" / "verifier_other.json").read_text())["signals"]
     assert [r["verifier_logprob_whole"] for r in other_signals] != [r["verifier_logprob_whole"] for r in saved["signals"]]
+    # a verifier file cut short (a crash mid-copy, a bad edit) is scored again, not a crash
+    (tmp_path / "sep" / "verifier_other.json").write_text('{"verifier": {"na')
+    again = run_separation(str(policy), [str(verifier), str(other)], "gsm8k:2", tmp_path / "sep", sep_settings,
+                           verifier_dtype="float32")
+    assert again.table == both.table
+    assert json.loads((tmp_path / "sep" / "verifier_other.json").read_text())["signals"] == other_signals
     with pytest.raises(ValueError, match="the same verifier is given twice"):
         run_separation(str(policy), [str(verifier), str(verifier)], "gsm8k:2", tmp_path / "sep", sep_settings)
     # the policy's weights replaced in place (same folder name): its old solutions are not reused as its own

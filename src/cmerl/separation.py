@@ -114,8 +114,7 @@ def separation_table(records: Sequence[dict], verifier_signals: Sequence[Sequenc
     """One row per signal: AUROC over all solutions and over answered ones, with intervals (see module
     docstring). A missing answer-span value counts as the floor in "all". ``verifier_signals[j]`` holds
     verifier ``verifiers[j]``'s signals, one row per record in the same order; its rows come first (each
-    with ``"verifier"``), then the policy's and the length baseline. Signals already in ``records`` are
-    tabulated too (a records file of an older, single-verifier run)."""
+    with ``"verifier"``), then the policy's and the length baseline from ``records``."""
     # deferred: numpy, via cmerl.metrics (slow import, loaded only when used)
     from cmerl.metrics import auroc_interval
 
@@ -137,7 +136,8 @@ def separation_table(records: Sequence[dict], verifier_signals: Sequence[Sequenc
             raise ValueError(f"the signals of verifier {name_v} are not for these solutions")
         table += [{**row(name, rows), "verifier": name_v} for name in SIGNALS
                   if name.startswith("verifier_") and all(name in r for r in rows)]
-    table += [row(name, records) for name in SIGNALS if all(name in r for r in records)]
+    table += [row(name, records) for name in SIGNALS
+              if not name.startswith("verifier_") and all(name in r for r in records)]
     return table
 
 
@@ -170,11 +170,15 @@ def verifier_signals_path(output_dir: Path, verifier: str) -> Path:
 
 
 def _saved_verifier_signals(path: Path, identity: dict, indices: list[int]) -> list[dict] | None:
-    """The rows of ``path`` when it was written by the same verifier (identity, dtype) for these solutions."""
+    """The rows of ``path`` when it was written by the same verifier (identity, dtype) for these solutions;
+    None otherwise, also for a file that is not valid JSON (a derived file: it is scored again)."""
     if not path.is_file():
         return None
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    if saved.get("verifier") != identity or [r["index"] for r in saved.get("signals", [])] != indices:
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    if not isinstance(saved, dict) or saved.get("verifier") != identity or [r["index"] for r in saved.get("signals", [])] != indices:
         return None
     return saved["signals"]
 

@@ -67,12 +67,13 @@ def run(
         _fail("give row names or --all (not both)")
     names = row_names(config_dir) if all_rows else list(rows)
     chosen = [p.strip() for p in phases.split(",") if p.strip()] if phases else list(PHASES)
+    budgets = _budget(budget)
     for i, row in enumerate(names):
         if len(names) > 1:
             typer.echo(f"== row {i + 1}/{len(names)}: {row}")
         try:
             result = run_row(row, config_dir=config_dir, runs_root=runs_dir, results_root=results_dir,
-                             phases=chosen, budget=_budget(budget), progress=True, print_status=typer.echo)
+                             phases=chosen, budget=budgets, progress=True, print_status=typer.echo)
         except _errors() as exc:
             left = f" (not run: {', '.join(names[i + 1:])})" if names[i + 1:] else ""
             _fail(f"row {row}: {exc}{left}")
