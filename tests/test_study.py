@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -254,7 +255,6 @@ def test_base_outputs_of_another_row_are_reused_not_regenerated(full_run, tmp_pa
     """A second row with the same untrained base, prompts and greedy settings copies the first row's base
     outputs (the model is never loaded: its name here does not exist); other settings are not reused."""
     import dataclasses
-    import shutil
 
     from cmerl.fingerprint import sidecar_path
     from cmerl.generation import load_prompt_items
@@ -306,3 +306,28 @@ def test_cli_runs_several_rows_in_order_and_stops_at_the_first_that_fails(tmp_pa
     assert [r["step"] for r in iter_jsonl(tmp_path / "results" / "row-b" / "metrics.jsonl")] == [1]
     both = runner.invoke(app, ["study", "run", "row-a", "--all", *dirs])
     assert both.exit_code == 2 and "not both" in both.output
+
+
+@pytest.mark.e2e
+def test_row_continues_on_a_machine_without_the_weights_once_their_outputs_are_committed(tmp_path, models,
+                                                                                         full_run):
+    """A fresh clone holds the results folder but no ``runs/``: a row whose training and trained outputs are
+    done goes on to judging without retraining; one whose trained outputs are not complete still trains."""
+    write_row(tmp_path, models)
+    _run(tmp_path, phases=["train", "heldout", "generate"])
+    res = tmp_path / "results" / "row-tiny"
+    metrics_before = (res / "metrics.jsonl").read_bytes()
+    shutil.rmtree(tmp_path / "runs")
+    run = _run(tmp_path)
+    assert run.complete, run.phases
+    assert "weights not needed" in run.phases[0].note
+    assert not (tmp_path / "runs" / "row-tiny" / "train").exists(), "must not retrain"
+    assert (res / "metrics.jsonl").read_bytes() == metrics_before
+    assert _snapshot(res) == _snapshot(full_run[0] / "results" / "row-tiny")
+    # an incomplete trained outputs file needs the weights again: training runs (from step 0 here)
+    shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+    (res / "outputs_trained.json").unlink()
+    (res / "outputs_trained.json.fingerprint.json").unlink(missing_ok=True)
+    run = _run(tmp_path, phases=["train"], budget={"train": 1})
+    assert not run.complete and run.phases[0].phase == "train" and not run.phases[0].done
+    assert (tmp_path / "runs" / "row-tiny" / "train").is_dir()

@@ -17,7 +17,8 @@ else is written to ``benchmarks/results/study/<row>/``):
 
 1. ``train`` — ``cmerl train`` on ``train:`` into ``runs/study/<row>/train`` (``--resume`` from its last
    complete checkpoint after a kill); copies ``metrics.jsonl``, the resolved config and the run card into
-   the results folder.
+   the results folder. On a machine without the weights, a row whose training and trained-policy outputs
+   are complete in the results folder (:func:`trained_in_results`) goes straight on to judging.
 2. ``heldout`` — greedy completions of the trained and the untrained policy on the training config's
    held-out UltraFeedback prompts (``heldout_prompts``, never trained on, never AlpacaEval), scored by the
    held-out verifier: held-out CME, length and distinct-n of both (``heldout.json``).
@@ -314,15 +315,41 @@ def _sync_training(paths: RowPaths) -> None:
             shutil.copyfile(final / name, paths.results / name)
 
 
-def phase_train(row: StudyRow, paths: RowPaths, *, max_new_steps: int | None = None, progress: bool = False,
-                print_status: StatusPrinter | None = None) -> PhaseResult:
+def trained_outputs_complete(row: StudyRow, paths: RowPaths) -> bool:
+    """Every file the later phases generate with the trained policy (held-out and AlpacaEval outputs) is
+    complete in the results folder, so those phases need no weights."""
+    # deferred: torch, via cmerl.generation (torch-free CLI start)
+    from cmerl.generation import load_prompt_items, outputs_complete
+
+    checks = [(paths.results / "outputs_trained.json", load_prompt_items(row.eval.prompts), eval_generation(row))]
+    items = heldout_items(row.train)
+    if items and row.heldout_verifier:
+        checks.append((paths.results / "heldout_outputs_trained.json", items, heldout_generation(row)))
+    return all(outputs_complete(out, its, generator=row.name, config=cfg) for out, its, cfg in checks)
+
+
+def trained_in_results(row: StudyRow, paths: RowPaths, state: dict) -> bool:
+    """Training finished in an earlier session (possibly on another machine, whose weights are gone): the
+    state says so, its metrics and summary are in the results folder, the trained model's fingerprint was
+    recorded, and every output the trained policy had to produce is complete."""
+    return (state.get("phases", {}).get("train") == "done" and bool(state.get("trained_model"))
+            and all((paths.results / f).is_file() for f in ("metrics.jsonl", "train_summary.json"))
+            and trained_outputs_complete(row, paths))
+
+
+def phase_train(row: StudyRow, paths: RowPaths, state: dict | None = None, *, max_new_steps: int | None = None,
+                progress: bool = False, print_status: StatusPrinter | None = None) -> PhaseResult:
     """Train (or resume) the row's policy; ``max_new_steps`` stops after that many more steps (a budget:
-    the run continues from there next time, exactly, with cmerl's default constant learning rate)."""
+    the run continues from there next time, exactly, with cmerl's default constant learning rate).
+    Done without training when :func:`trained_in_results` (the weights are not needed any more)."""
     from cmerl import training  # deferred: torch, via cmerl.training (torch-free CLI start)
 
     if train_done(row, paths):
         _sync_training(paths)
         return PhaseResult("train", True, "already trained")
+    if state is not None and trained_in_results(row, paths, state):
+        return PhaseResult("train", True, "trained in an earlier session; its outputs are complete, weights "
+                                          "not needed")
     cfg = row.train
     resume = (paths.train_dir / training.CONFIG_NAME).is_file()
     if resume:
@@ -348,7 +375,10 @@ def _trained_model(paths: RowPaths) -> Path:
 
 
 def _check_trained_model(paths: RowPaths, state: dict, key: str) -> str:
-    """The trained model's fingerprint, recorded under ``key`` the first time; refuses a changed model."""
+    """The trained model's fingerprint, recorded under ``key`` the first time; refuses a changed model.
+    Without the weights on this machine (another session trained them), the recorded fingerprint."""
+    if not _trained_model(paths).is_dir() and state.get(key):
+        return state[key]
     fp = model_fingerprint(_trained_model(paths))
     old = state.get(key)
     if old and old != fp:
@@ -425,19 +455,25 @@ def heldout_items(cfg) -> list:
     return items
 
 
-def phase_heldout(row: StudyRow, paths: RowPaths, state: dict, *, stop_after: int | None = None,
-                  progress: bool = False, print_status: StatusPrinter | None = None) -> PhaseResult:
-    """Held-out CME, length and distinct-n of the trained and the untrained policy (``heldout.json``)."""
+def heldout_generation(row: StudyRow):
+    """Greedy settings of the held-out outputs: the training completion length and system prompt."""
     # deferred: torch, via cmerl.generation (torch-free CLI start)
     from cmerl.generation import GenerationConfig
 
+    cfg = row.train
+    return GenerationConfig(max_new_tokens=cfg.max_completion_length, system_prompt=cfg.system_prompt,
+                            dtype=row.eval.dtype, batch_size=row.eval.batch_size)
+
+
+def phase_heldout(row: StudyRow, paths: RowPaths, state: dict, *, stop_after: int | None = None,
+                  progress: bool = False, print_status: StatusPrinter | None = None) -> PhaseResult:
+    """Held-out CME, length and distinct-n of the trained and the untrained policy (``heldout.json``)."""
     out = paths.results / "heldout.json"
     items = heldout_items(row.train)
     if not items or not row.heldout_verifier:
         return PhaseResult("heldout", True, "no held-out prompts in the train config")
     cfg = row.train
-    gen = GenerationConfig(max_new_tokens=cfg.max_completion_length, system_prompt=cfg.system_prompt,
-                           dtype=row.eval.dtype, batch_size=row.eval.batch_size)
+    gen = heldout_generation(row)
     trained_fp = _check_trained_model(paths, state, "heldout_trained_model")
     files = {"trained": paths.results / "heldout_outputs_trained.json",
              "base": paths.results / "heldout_outputs_base.json"}
@@ -685,13 +721,13 @@ def run_row(row: str | StudyRow, *, config_dir: str | Path = CONFIG_DIR, runs_ro
     for phase in PHASES:
         if phase not in phases:
             continue
-        if phase != "train" and not train_done(r, paths):
+        if phase != "train" and not (train_done(r, paths) or trained_in_results(r, paths, state)):
             run.phases.append(PhaseResult(phase, False, "waiting for training"))
             break
         _log_event(paths, {"phase": phase, "event": "start", **machine_info()})
         t0 = time.time()
         if phase == "train":
-            res = phase_train(r, paths, max_new_steps=budget.get("train"), progress=progress, print_status=print_status)
+            res = phase_train(r, paths, state, max_new_steps=budget.get("train"), progress=progress, print_status=print_status)
         elif phase == "heldout":
             res = phase_heldout(r, paths, state, stop_after=budget.get("heldout"), progress=progress, print_status=print_status)
         elif phase == "generate":
