@@ -262,7 +262,8 @@ def generate_outputs(model, tokenizer, items: Sequence[PromptItem], output: str 
     encoded = {it.index: _encode_prompt(tokenizer, it.instruction, render, chat) for it in todo}
     todo.sort(key=lambda it: -len(encoded[it.index]))  # longest first: the first batch shows the peak
     stops = _stop_ids(tokenizer, render)
-    weights_dtype = str(getattr(model, "dtype", "unknown")).removeprefix("torch.")  # what auto chose here
+    choice = getattr(model, "cmerl_dtype", None)  # what auto chose here; "int8" for the quantized path
+    weights_dtype = choice.name if choice is not None else str(getattr(model, "dtype", "unknown")).removeprefix("torch.")
     bar = None
     if progress and todo:
         bar = tqdm(total=len(todo), desc=f"generating ({generator})", unit="prompt")

@@ -40,7 +40,7 @@ from urllib.parse import urlparse
 import torch
 
 from cmerl.io import write_text_atomic
-from cmerl.precision import AUTO, parse_dtype, resolve_dtype  # noqa: F401  (parse_dtype re-exported)
+from cmerl.precision import AUTO, INT8, parse_dtype, resolve_dtype  # noqa: F401  (parse_dtype re-exported)
 
 logger = logging.getLogger("cmerl")
 
@@ -416,17 +416,22 @@ def load_model(name: str, *, dtype: str | torch.dtype = AUTO, device: str = "cpu
     ``dtype``: ``"auto"`` (see :mod:`cmerl.precision`: bf16 where the hardware runs it natively, else fp32;
     ``trained`` models stay fp32 on CPU) or a dtype name. The choice is logged on one line to the ``cmerl``
     logger as ``<role> <name>: <dtype> (<why>)`` (the CLI prints it) and kept as ``model.cmerl_dtype``, a
-    :class:`~cmerl.precision.DtypeChoice`. Every dtype loads from the same cached fp32 GGUF conversion."""
+    :class:`~cmerl.precision.DtypeChoice`. Every dtype loads from the same cached fp32 GGUF conversion;
+    ``int8`` (frozen models on CPU) loads it in fp32, then :func:`cmerl.quantization.quantize_int8`."""
     # deferred: transformers (slow import, loaded only when used)
     from transformers import AutoModelForCausalLM
 
     choice = resolve_dtype(dtype, device=device, trained=trained)
     folder = local_folder(name, show_progress=show_progress)
     model = _from_pretrained(AutoModelForCausalLM, name, folder, dtype=choice.dtype)
-    model.cmerl_dtype = choice
-    logger.info("%s %s: %s", role, name, choice)
     model.to(device)
     model.eval()
+    if choice.quantization == INT8:
+        from cmerl.quantization import quantize_int8
+
+        quantize_int8(model)
+    model.cmerl_dtype = choice
+    logger.info("%s %s: %s", role, name, choice)
     model.config._name_or_path = resolve(name).identity
     return model, load_tokenizer(name)
 
