@@ -41,6 +41,7 @@ import torch
 
 from cmerl.io import write_text_atomic
 from cmerl.precision import AUTO, INT8, parse_dtype, resolve_dtype  # noqa: F401  (parse_dtype re-exported)
+from cmerl.quantization import quantize_int8
 
 logger = logging.getLogger("cmerl")
 
@@ -427,8 +428,6 @@ def load_model(name: str, *, dtype: str | torch.dtype = AUTO, device: str = "cpu
     model.to(device)
     model.eval()
     if choice.quantization == INT8:
-        from cmerl.quantization import quantize_int8
-
         quantize_int8(model)
     model.cmerl_dtype = choice
     logger.info("%s %s: %s", role, name, choice)

@@ -46,7 +46,7 @@ def quantize_int8(model):
         raise ValueError("int8 models run on CPU only")
     if any(p.dtype != torch.float32 for p in params):
         raise ValueError("quantize_int8 needs float32 weights (load the model with dtype float32)")
-    try:
+    try:  # deferred: torch.ao quantization (loaded only when used)
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
     except ImportError as exc:  # pragma: no cover - only on a torch without torch.ao.quantization
         raise RuntimeError("this torch has no torch.ao.quantization (dynamic int8); use dtype float32, or "
@@ -67,6 +67,7 @@ def quantize_int8(model):
 
 def int8_linear_count(model) -> int:
     """How many dynamic int8 Linear layers ``model`` holds (0 for a float model)."""
+    # deferred: torch.ao quantized modules (loaded only when used)
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
     return sum(isinstance(m, DynamicLinear) for m in model.modules())
