@@ -56,7 +56,7 @@ def test_train_config_accepts_an_int8_verifier_and_refuses_an_int8_policy():
         validate(config_from_dict({"policy_dtype": "int8"}, source="test"))
 
 
-def test_quantize_int8_swaps_every_linear_but_the_head(tiny_llama):
+def test_quantize_int8_swaps_every_linear_but_the_head_and_the_mlp_outputs(tiny_llama):
     model = copy.deepcopy(tiny_llama).float().eval()
     n = _linears(model)
     quantize_int8(model)

@@ -59,7 +59,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     try:
         return DTYPE_NAMES[str(dtype).strip().lower()]
     except KeyError:
-        if str(dtype).strip().lower() == INT8:
+        if is_int8(dtype):
             raise ValueError("int8 is not a floating-point dtype: it is a setting of frozen models, resolved "
                              "by resolve_dtype") from None
         raise ValueError(f"unknown dtype {dtype!r}; use one of auto, float32, bfloat16, float16, int8 "
@@ -83,7 +83,6 @@ def check_dtype_name(dtype: str | torch.dtype, *, trained: bool = False) -> str:
             raise ValueError(INT8_TRAINED)
         return INT8
     return str(parse_dtype(dtype)).removeprefix("torch.")
-
 
 
 @dataclass(frozen=True)

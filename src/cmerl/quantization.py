@@ -1,6 +1,6 @@
 """Dynamic int8 inference for frozen models (``dtype: int8``): the CPU fast path of verifiers and judges.
 
-:func:`quantize_int8` swaps every ``nn.Linear`` of the backbone for torch's dynamic int8 Linear
+:func:`quantize_int8` swaps the backbone's ``nn.Linear`` layers for torch's dynamic int8 Linear
 (``torch.ao.quantization.quantize_dynamic``, fbgemm/x86 kernels): weights are stored int8 with one scale
 per output channel; activations stay float32 and are quantized per call, with one scale per input tensor
 (so a row's result depends slightly on what else is in its batch). The output head (the projection to
@@ -18,7 +18,6 @@ EPYC Zen 5), ``quantize_dynamic`` ran 4.1x faster than fp32, torchao 0.18's eage
 ``Int8DynamicActivationInt8WeightConfig`` 2.5x and its weight-only int8 0.6x; ``quantize_dynamic`` ships
 with the pinned torch (no new dependency). torch marks ``torch.ao.quantization`` as deprecated in favour of
 torchao; if a later torch drops it, :func:`quantize_int8` raises naming the alternative.
-``benchmarks/bench_int8.py`` measures 
 """
 
 from __future__ import annotations
@@ -39,8 +38,8 @@ def head_module_names(model) -> set[str]:
 
 def quantize_int8(model):
     """Return ``model`` (float32, eval mode, on CPU) with its Linear layers, the output head and
-    :data:`FLOAT_LAYERS` excepted, replaced in place by dynamic int8 Linear layers. Raises ``ValueError`` for a model that is not float32
-    on CPU, ``RuntimeError`` when this torch lacks the dynamic int8 kernels."""
+    :data:`FLOAT_LAYERS` excepted, replaced in place by dynamic int8 Linear layers. Raises ``ValueError``
+    for a model that is not float32 on CPU, ``RuntimeError`` when this torch lacks the dynamic int8 kernels."""
     params = list(model.parameters())
     if any(p.device.type != "cpu" for p in params):
         raise ValueError("int8 models run on CPU only")

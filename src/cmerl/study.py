@@ -718,16 +718,21 @@ def run_row(row: str | StudyRow, *, config_dir: str | Path = CONFIG_DIR, runs_ro
     budget = budget or {}
     run = RowRun(r.name, paths)
     write_json_atomic(paths.results / "row_config.json", _resolved(r))
+    trained: bool | None = None  # set by the train phase; looked up once when that phase is not run
     for phase in PHASES:
         if phase not in phases:
             continue
-        if phase != "train" and not (train_done(r, paths) or trained_in_results(r, paths, state)):
-            run.phases.append(PhaseResult(phase, False, "waiting for training"))
-            break
+        if phase != "train":
+            if trained is None:
+                trained = train_done(r, paths) or trained_in_results(r, paths, state)
+            if not trained:
+                run.phases.append(PhaseResult(phase, False, "waiting for training"))
+                break
         _log_event(paths, {"phase": phase, "event": "start", **machine_info()})
         t0 = time.time()
         if phase == "train":
             res = phase_train(r, paths, state, max_new_steps=budget.get("train"), progress=progress, print_status=print_status)
+            trained = res.done
         elif phase == "heldout":
             res = phase_heldout(r, paths, state, stop_after=budget.get("heldout"), progress=progress, print_status=print_status)
         elif phase == "generate":
