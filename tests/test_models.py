@@ -79,8 +79,10 @@ def test_parse_dtype():
     assert parse_dtype("bf16") is torch.bfloat16
     assert parse_dtype("float32") is torch.float32
     assert parse_dtype(torch.float16) is torch.float16
-    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+    with pytest.raises(ValueError, match="int8 is not a floating-point dtype"):
         parse_dtype("int8")
+    with pytest.raises(ValueError, match="unknown dtype 'int4'"):
+        parse_dtype("int4")
 
 
 # ---------------------------------------------------------------------------------------------- loading
