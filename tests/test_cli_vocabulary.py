@@ -100,3 +100,11 @@ def test_old_and_new_spellings_give_the_same_result_and_conflicts_are_usage_erro
                                "--json", str(tmp_path / "b.json")])
     assert both.exit_code == 2 and "give --output or its old spelling --json, not both" in both.output
     assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_every_command_prints_its_help(name):
+    """``--help`` renders (rich markup in a help text, e.g. a literal ``[/...]``, used to crash it)."""
+    result = CliRunner().invoke(app, [*name.split(), "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output

@@ -48,7 +48,8 @@ def dtype_option(what: str, *names: str):
     time (a bad name is a one-line usage error)."""
     return typer.Option("auto", *names, callback=_check_dtype, help=(
         f"{what} dtype: auto (bfloat16 where the CPU/GPU runs it natively, else float32; the choice is "
-        "printed), float32, bfloat16 or float16."))
+        "printed), float32, bfloat16, float16, or int8 (dynamic int8 Linear layers for models that are not "
+        "trained, on CPU; see docs/training.md)."))
 
 
 def old_spelling(flag: str, of: str):

@@ -211,7 +211,7 @@ def judge_check(
     max_pair_chars: int = typer.Option(None, "--max-pair-chars", help="With --pairs: only pairs whose instruction "
                                        "+ both outputs have at most this many characters (cheaper on a CPU)."),
     output_dir: Path = typer.Option(None, "--output-dir", "-o", help="Where verdicts.jsonl and judge_check.json go "
-                                    "(default: judge_check/<judge>[/<pairs>])."),
+                                    "(default: judge_check/<judge>, or judge_check/<judge>/<pairs> with --pairs)."),
 ) -> None:
     """Agreement of a judge with GPT-4 Turbo: on its AlpacaEval verdicts (gpt4_1106_preview vs gemma-2b-it,
     an easy gap) or, with --pairs, on two similar systems GPT-4 Turbo rated apart by --min-margin."""
