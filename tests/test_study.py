@@ -207,6 +207,12 @@ def test_study_table_regenerates_from_result_folders(full_run, tmp_path):
         (results / "row-tiny" / "row.json").write_text(original)
 
 
+def test_table_names_no_verifier_for_a_reward_that_reads_only_the_policy():
+    assert study._reward_cell(["cme"], ["qwen2.5-coder-0.5b-instruct"]) == "cme (qwen2.5-coder-0.5b-instruct)"
+    assert study._reward_cell(["self_certainty"], ["qwen2.5-coder-0.5b-instruct"]) == "self_certainty (the policy's own)"
+    assert study._reward_cell(["self_certainty", "cme"], ["v"]) == "self_certainty+cme (v)"
+
+
 def test_training_wall_time_counts_killed_attempts_to_their_last_logged_step():
     events = [{"phase": "train", "event": "start", "time": 100.0}, {"phase": "train", "event": "start", "time": 200.0},
               {"phase": "train", "event": "end", "time": 260.0}]
@@ -318,6 +324,8 @@ def test_row_continues_on_a_machine_without_the_weights_once_their_outputs_are_c
     res = tmp_path / "results" / "row-tiny"
     metrics_before = (res / "metrics.jsonl").read_bytes()
     shutil.rmtree(tmp_path / "runs")
+    status = study.row_status("row-tiny", runs_root=tmp_path / "runs", results_root=tmp_path / "results", sync=False)
+    assert status["last_logged_step"] == max(r["step"] for r in iter_jsonl(res / "metrics.jsonl")) > 0
     run = _run(tmp_path)
     assert run.complete, run.phases
     assert "weights not needed" in run.phases[0].note

@@ -774,6 +774,8 @@ def row_status(name: str, *, runs_root: str | Path = RUNS_ROOT, results_root: st
         _sync_training(paths)
     last = latest_checkpoint(paths.train_dir) if paths.train_dir.is_dir() else None
     metrics = paths.train_dir / "metrics.jsonl"
+    if not metrics.is_file():  # trained on another machine: the copy committed with the results
+        metrics = paths.results / "metrics.jsonl"
     logged = [r.get("step", 0) for r in iter_jsonl(metrics)] if metrics.is_file() else []
     files = {}
     for f in ("heldout_outputs_trained.json", "heldout_outputs_base.json", "outputs_trained.json",
@@ -807,6 +809,21 @@ def _duration(s) -> str:
     return f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
 
 
+def _reward_cell(rewards: Sequence[str], verifiers: Sequence[str]) -> str:
+    """``cme (qwen...)``; a reward that reads only the policy (self-certainty...) names no verifier, even when
+    the config lists one (the held-out phase's)."""
+    # deferred: torch, via cmerl.training (the registry of built-in rewards; torch-free CLI start)
+    from cmerl.training import reward_setup  # noqa: F401  (registers the built-in rewards)
+    from cmerl.training.reward_registry import get_reward
+
+    names = "+".join(rewards)
+    try:
+        reads_verifier = any(get_reward(n).uses_verifiers for n in rewards)
+    except ValueError:  # a reward registered by a module not imported here: show the config as written
+        reads_verifier = True
+    return f"{names} ({', '.join(verifiers)})" if reads_verifier and verifiers else f"{names} (the policy's own)"
+
+
 def study_table(results_root: str | Path = RESULTS_ROOT) -> str:
     """One markdown table from the ``row.json`` of every row folder (rows still running: their progress).
 
@@ -831,7 +848,7 @@ def study_table(results_root: str | Path = RESULTS_ROOT) -> str:
             tr = cfg.get("train", {})
             steps = f"{st['last_logged_step'] or 0}/{tr.get('max_steps', '?')}"
             lines.append(f"| {name} | {tr.get('policy', '?')} ({cfg.get('regime', '')}) | "
-                         f"{'+'.join(tr.get('rewards', []))} ({', '.join(tr.get('verifiers', []))}) | {steps} | "
+                         f"{_reward_cell(tr.get('rewards', []), tr.get('verifiers', []))} | {steps} | "
                          "running | " + " | ".join(["n/a"] * 7) + " | in progress |")
             continue
         r = json.loads(p.read_text())
@@ -845,7 +862,7 @@ def study_table(results_root: str | Path = RESULTS_ROOT) -> str:
         lc = "n/a" if v.get("lc_win_rate") is None else (
             f"{_pct(v['lc_win_rate'])} [{_pct(v.get('lc_ci_low'))}-{_pct(v.get('lc_ci_high'))}]")
         lines.append(
-            f"| {name} | {r['policy']} ({r.get('regime', '')}) | {'+'.join(r['rewards'])} ({', '.join(r['verifiers'])}) "
+            f"| {name} | {r['policy']} ({r.get('regime', '')}) | {_reward_cell(r['rewards'], r['verifiers'])} "
             f"| {r['steps']} | {_duration(r.get('train_wall_s'))} | {v['wins']}/{v['ties']}/{v['losses']} "
             f"| {_pct(v['win_rate'])} [{_pct(v['ci_low'])}-{_pct(v['ci_high'])}] | {lc} "
             f"| {_num(v.get('mean_len_a'))} / {_num(v.get('mean_len_b'))} "
