@@ -134,6 +134,8 @@ def test_row_killed_while_judging_continues(tmp_path, models):
     write_row(tmp_path, models)
     _run(tmp_path, phases=["train", "heldout", "generate"])
     res = tmp_path / "results" / "row-tiny"
+    line = next(ln for ln in study.study_table(tmp_path / "results").splitlines() if ln.startswith("| row-tiny |"))
+    assert "| trained |" in line and line.endswith("| in progress: judge |"), line
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [CMERL, "study", "run", "row-tiny", "--config-dir", str(tmp_path / "configs"), "--runs-dir",
            str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]
@@ -322,6 +324,8 @@ def test_row_continues_on_a_machine_without_the_weights_once_their_outputs_are_c
     write_row(tmp_path, models)
     _run(tmp_path, phases=["train", "heldout", "generate"])
     res = tmp_path / "results" / "row-tiny"
+    line = next(ln for ln in study.study_table(tmp_path / "results").splitlines() if ln.startswith("| row-tiny |"))
+    assert "| trained |" in line and line.endswith("| in progress: judge |"), line
     metrics_before = (res / "metrics.jsonl").read_bytes()
     shutil.rmtree(tmp_path / "runs")
     status = study.row_status("row-tiny", runs_root=tmp_path / "runs", results_root=tmp_path / "results", sync=False)

@@ -847,9 +847,12 @@ def study_table(results_root: str | Path = RESULTS_ROOT) -> str:
             cfg = json.loads((root / name / "row_config.json").read_text()) if (root / name / "row_config.json").is_file() else {}
             tr = cfg.get("train", {})
             steps = f"{st['last_logged_step'] or 0}/{tr.get('max_steps', '?')}"
+            done = [p for p in PHASES if st["phases"].get(p) == "done"]
+            now = next((p for p in PHASES if p not in done), "report")
             lines.append(f"| {name} | {tr.get('policy', '?')} ({cfg.get('regime', '')}) | "
                          f"{_reward_cell(tr.get('rewards', []), tr.get('verifiers', []))} | {steps} | "
-                         "running | " + " | ".join(["n/a"] * 7) + " | in progress |")
+                         f"{'trained' if 'train' in done else 'training'} | " + " | ".join(["n/a"] * 7)
+                         + f" | in progress: {now} |")
             continue
         r = json.loads(p.read_text())
         v, held, d = r["vs_base"], r.get("heldout") or {}, r["drift"]
