@@ -124,6 +124,16 @@ def compare_judge(runs: list[dict]) -> list[dict]:
     return out
 
 
+def write(report: dict, output: str | None) -> None:
+    """Save ``report`` as JSON at ``output`` (nothing when None); the file is replaced whole."""
+    if output:
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(path)
+
+
 def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> None:
     print(f"\n{title}")
     print("| " + " | ".join(label for label, _ in columns) + " |")
@@ -184,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                            ("prefers chosen", "accuracy"), ("same preference as fp32", "same_preference"),
                            ("mean abs diff, nats/token", "mean_abs_diff"), ("max abs diff", "max_abs_diff"),
                            ("within bounds", "within_bounds")])
+        write(report, args.output)  # each part is saved as it finishes
     if args.judge_pairs:
         runs = []
         with tempfile.TemporaryDirectory(prefix="bench-int8-") as workdir:
@@ -199,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                      ("agreement with GPT-4 Turbo", "agreement"), ("ties", "ties"),
                      ("same verdict as fp32", "same_verdict"), ("mean abs margin diff, nats", "mean_abs_margin_diff"),
                      ("within bounds", "within_bounds")])
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        write(report, args.output)
     return 0
 
 
