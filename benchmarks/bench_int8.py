@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,16 +35,6 @@ from pathlib import Path
 MIN_SAME_PREFERENCE = 0.90
 MIN_SAME_VERDICT = 0.85
 MAX_RATE_SHIFT = 0.05
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def verifier_part(name: str, dtype: str, n_pairs: int) -> dict:
@@ -70,7 +58,7 @@ def verifier_part(name: str, dtype: str, n_pairs: int) -> dict:
 def judge_part(name: str, dtype: str, pairs_set: str, n_pairs: int, max_chars: int, workdir: str) -> dict:
     """``judge-check --pairs`` of ``name`` under ``dtype``: seconds, agreement and per-pair verdicts."""
     from cmerl.calibration import pairs_check
-    from cmerl.judging import JudgeSpec
+    from cmerl.judging import JudgeSpec, read_verdicts
 
     t0 = time.perf_counter()
     judge = JudgeSpec(name, dtype=dtype).build()
@@ -79,7 +67,7 @@ def judge_part(name: str, dtype: str, pairs_set: str, n_pairs: int, max_chars: i
     t0 = time.perf_counter()
     result = pairs_check(judge, pairs_set, output=output, n=n_pairs, max_pair_chars=max_chars, remember=False)
     seconds = time.perf_counter() - t0
-    rows = [json.loads(line) for line in output.read_text().splitlines()[1:] if line.strip()]
+    _, rows = read_verdicts(output)
     del judge
     gc.collect()
     return {"dtype": dtype, "load_seconds": load_s, "seconds": seconds, "agreement": result.agreement.value,
@@ -168,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cmerl.precision import cpu_bf16_support, describe_cpu_bf16
+    from cmerl.study import machine_info
 
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or dtypes[0] != "float32":
@@ -175,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if "bfloat16" in dtypes and not cpu_bf16_support().native:
         print("bfloat16 skipped: this CPU has no native bf16 matrix products")
         dtypes.remove("bfloat16")
-    header = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-              "torch": torch.__version__, "bf16": describe_cpu_bf16(), "date": time.strftime("%Y-%m-%d"),
+    header = {**machine_info(), "torch": torch.__version__, "bf16": describe_cpu_bf16(), "date": time.strftime("%Y-%m-%d"),
               "command": " ".join(sys.argv)}
     print(json.dumps(header))
     report: dict = {"header": header, "bounds": {"min_same_preference": MIN_SAME_PREFERENCE,
