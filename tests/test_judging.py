@@ -144,6 +144,43 @@ def test_local_judge_matches_plain_forward(family, request):
     assert "The better response is Response" in tok.decode(ids[-8:])
 
 
+@pytest.mark.parametrize("family", ["smollm", "qwen", "gemma"])
+def test_local_judge_prefix_reuse_matches_the_plain_path(family, request):
+    """The shared-prefix KV cache changes nothing but rounding: the prefix built from one batch is reused by
+    later calls and one-row batches; contexts run far past tiny Gemma's 64-token sliding window."""
+    tok = request.getfixturevalue(f"{family}_tokenizer")
+    model = request.getfixturevalue({"smollm": "tiny_llama", "qwen": "tiny_qwen", "gemma": "tiny_gemma"}[family])
+    jobs = [Job(p.instruction, p.output_a, p.output_b) for p in PAIRS]
+    plain = LocalJudge(model, tok, name="plain", max_batch_tokens=100_000).judge(jobs)
+    reuse = LocalJudge(model, tok, name="reuse", max_batch_tokens=100_000, prefix_reuse=True)
+    batches: list[int] = []
+    forward = reuse.next_token_logprobs
+    reuse.next_token_logprobs = lambda contexts: batches.append(len(contexts)) or forward(contexts)
+    first = reuse.judge(jobs[:3])  # one batch of 3: the prefix is built from it
+    reuse.max_batch_tokens = 1  # one row per forward: each reuses the kept prefix
+    second = reuse.judge(jobs[3:])
+    assert batches == [3, 1, 1]
+    assert reuse.prefix_forwards == 1 and reuse.prefix_reuse  # built once, kept across batches and calls
+    assert len(reuse._prefix[0]) >= 64 or family != "gemma"  # the cache spans a whole sliding window
+    assert min(len(reuse.encode_job(j)[0]) for j in jobs) > 64 + len(reuse._prefix[0]) or family != "gemma"
+    for p, r in zip(plain, first + second):
+        assert r.logprob_A == pytest.approx(p.logprob_A, abs=1e-4)
+        assert r.logprob_B == pytest.approx(p.logprob_B, abs=1e-4)
+        assert r.choice == p.choice
+
+
+def test_local_judge_prefix_reuse_skips_what_it_cannot_share(smollm_tokenizer, tiny_llama):
+    """One context and no kept prefix: the plain path (a one-row cache saves nothing); no common start of
+    ``MIN_PREFIX_TOKENS``: the plain path too."""
+    judge = LocalJudge(tiny_llama, smollm_tokenizer, prefix_reuse=True)
+    judge.judge([Job(PAIRS[0].instruction, PAIRS[0].output_a, PAIRS[0].output_b)])
+    assert judge.prefix_forwards == 0
+    ids = smollm_tokenizer("alpha beta gamma delta epsilon zeta eta theta").input_ids
+    other = smollm_tokenizer("zebra beta gamma delta epsilon zeta eta theta").input_ids
+    out = judge.next_token_logprobs([ids, other])
+    assert judge.prefix_forwards == 0 and out.shape == (2, tiny_llama.config.vocab_size)
+
+
 def test_local_judge_truncates_long_responses(smollm_tokenizer, tiny_llama):
     judge = LocalJudge(tiny_llama, smollm_tokenizer, max_response_chars=50)
     ids, _, _ = judge.encode_job(Job("Q", "x" * 5000, "short"))

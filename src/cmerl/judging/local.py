@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 
@@ -19,6 +20,10 @@ from cmerl.judging.prompt import (
 from cmerl.scoring.requests import plan_batches
 
 
+#: Shorter shared prefixes are not worth a cache (:meth:`LocalJudge._shared_prefix`).
+MIN_PREFIX_TOKENS = 8
+
+
 # --------------------------------------------------------------------------- local judge
 class LocalJudge:
     """A causal LM judging in log-prob mode: one forward pass per (pair, order), no sampling.
@@ -27,11 +32,16 @@ class LocalJudge:
     tokenizers without a chat template); the two candidates are the tokens that ``prefill + " A"`` and
     ``prefill + " B"`` add. Contexts are right-padded into length-sorted batches bounded by
     ``max_batch_tokens`` (rows x padded length); the output projection runs on the last position only.
+
+    ``prefix_reuse`` (default off): the tokens every context of a call starts with (the judge's system
+    prompt and the user turn's opening) run through the model once; their key/value cache is kept and
+    reused by every batch whose contexts all start with them, so each row runs only its own suffix. It is
+    the same computation up to float rounding (tested against the plain path), not a recorded setting.
     """
 
     def __init__(self, model, tokenizer, *, name: str | None = None, prompt: JudgePrompt | None = None,
                  max_response_chars: int = DEFAULT_MAX_RESPONSE_CHARS, max_batch_tokens: int = 8192,
-                 render: RenderConfig = RenderConfig(), dtype: str | None = None):
+                 render: RenderConfig = RenderConfig(), dtype: str | None = None, prefix_reuse: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
@@ -42,6 +52,9 @@ class LocalJudge:
         self.dtype = dtype or str(next(model.parameters()).dtype).replace("torch.", "")
         self.progress: Callable[[int], None] | None = None  # called with the number of jobs just done
         self._head_fp32: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.prefix_reuse = bool(prefix_reuse)
+        self._prefix: tuple[tuple[int, ...], object] | None = None  # (token ids, their KV cache, batch 1)
+        self.prefix_forwards = 0  # prefix caches built (a count for tests and benchmarks)
 
     @classmethod
     def from_pretrained(cls, name: str, *, dtype: str = "auto", **kwargs) -> LocalJudge:
@@ -106,19 +119,29 @@ class LocalJudge:
     @torch.inference_mode()
     def next_token_logprobs(self, contexts: list[list[int]]) -> torch.Tensor:
         """``(len(contexts), vocab)`` float32 natural-log next-token distribution after each context (one
-        right-padded forward pass; the output projection runs on the last position only, in float32)."""
+        right-padded forward pass, over the suffixes after a reused prefix when ``prefix_reuse``; the output
+        projection runs on the last position only, in float32)."""
         model = self.model
-        width = max(len(ids) for ids in contexts)
+        prefix = self._shared_prefix(contexts) if self.prefix_reuse else None
+        start = 0 if prefix is None else len(prefix[0])
+        rows = [ids[start:] for ids in contexts]
+        width = max(len(ids) for ids in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(contexts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(contexts), width), dtype=torch.long)
-        for r, ids in enumerate(contexts):
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), start + width), dtype=torch.long)
+        mask[:, :start] = 1
+        for r, ids in enumerate(rows):
             input_ids[r, :len(ids)] = torch.tensor(ids)
-            mask[r, :len(ids)] = 1
-        hidden = model.get_decoder()(input_ids=input_ids.to(model.device),
-                                     attention_mask=mask.to(model.device)).last_hidden_state
-        last = torch.tensor([len(ids) - 1 for ids in contexts], device=hidden.device)
-        h = hidden[torch.arange(len(contexts), device=hidden.device), last]  # (rows, hidden)
+            mask[r, start:start + len(ids)] = 1
+        kwargs: dict = {}
+        if prefix is not None:
+            cache = copy.deepcopy(prefix[1])
+            cache.batch_repeat_interleave(len(rows))  # type: ignore[attr-defined]
+            kwargs = {"past_key_values": cache, "use_cache": True}
+        hidden = model.get_decoder()(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
+                                     **kwargs).last_hidden_state
+        last = torch.tensor([len(ids) - 1 for ids in rows], device=hidden.device)
+        h = hidden[torch.arange(len(rows), device=hidden.device), last]  # (rows, hidden)
         head = model.get_output_embeddings()
         if self._head_fp32 is None or self._head_fp32[0].device != head.weight.device:
             bias = getattr(head, "bias", None)
@@ -130,3 +153,30 @@ class LocalJudge:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return torch.log_softmax(logits, dim=-1)
+
+    def _shared_prefix(self, contexts: list[list[int]]) -> tuple[tuple[int, ...], object] | None:
+        """The kept prefix when every context starts with it and goes on past it; else the longest prefix all
+        ``contexts`` share (leaving each at least one token), run once and kept. ``None`` for a single context
+        that the kept prefix does not fit, for a prefix shorter than :data:`MIN_PREFIX_TOKENS`, and when the
+        model keeps no cache."""
+        kept = self._prefix
+        if kept is not None and all(len(ids) > len(kept[0]) and tuple(ids[:len(kept[0])]) == kept[0]
+                                    for ids in contexts):
+            return kept
+        if len(contexts) < 2:  # nothing to share: a one-row prefix cache would cost a forward and save none
+            return None
+        n = min(len(ids) for ids in contexts) - 1
+        first = contexts[0]
+        for ids in contexts[1:]:
+            n = next((i for i in range(n) if ids[i] != first[i]), n)
+        if n < MIN_PREFIX_TOKENS:
+            return None
+        ids = tuple(first[:n])
+        out = self.model.get_decoder()(input_ids=torch.tensor([ids], device=self.model.device), use_cache=True)
+        cache = getattr(out, "past_key_values", None)
+        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+            self.prefix_reuse = False  # this model returns no reusable cache: the plain path from now on
+            return None
+        self.prefix_forwards += 1
+        self._prefix = (ids, cache)
+        return self._prefix
