@@ -122,6 +122,36 @@ def test_judge_check_agreement_by_hand(tmp_path, tiny_dirs, tmp_cache):
     assert f"agreement with GPT-4 Turbo {100 * result['agreement']['value']:.1f}%" in res.output
 
 
+
+def test_judge_prefix_reuse_flag_reaches_the_local_judge_and_keeps_the_verdicts(tmp_path, tiny_dirs, monkeypatch):
+    """``cmerl judge --prefix-reuse`` builds the local judge with prefix reuse (its shared-prefix cache is
+    built) and writes the same verdicts as the plain run, margins equal up to float rounding."""
+    from cmerl.judging import LocalJudge
+
+    built: list[LocalJudge] = []
+    plain_init = LocalJudge.__init__
+
+    def recording_init(self, *args, **kwargs):
+        plain_init(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(LocalJudge, "__init__", recording_init)
+    rows_a = [("Name a colour.", "Blue."), ("2+2?", "4, because two and two make four."), ("Say hi.", "Hi!")]
+    rows_b = [("Name a colour.", "No idea."), ("2+2?", "5"), ("Say hi.", "Hello there, how are you?")]
+    a, b = write_outputs(tmp_path / "a.json", rows_a, "x"), write_outputs(tmp_path / "b.json", rows_b, "y")
+    verdicts = {}
+    for flag in ("--no-prefix-reuse", "--prefix-reuse"):
+        out = tmp_path / f"v{flag}.jsonl"
+        res = invoke("judge", "--a", a, "--b", b, "--judge", tiny_dirs["judge"], "--judge-dtype", "float32",
+                     "--output", out, flag)
+        assert res.exit_code == 0, res.output
+        verdicts[flag] = read_verdicts(out)[1]
+    assert [j.prefix_reuse for j in built] == [False, True]
+    assert built[0].prefix_forwards == 0 and built[1].prefix_forwards >= 1
+    plain, reuse = verdicts["--no-prefix-reuse"], verdicts["--prefix-reuse"]
+    assert [r["verdict"] for r in plain] == [r["verdict"] for r in reuse] and len(plain) == 3
+    assert [r["margin"] for r in reuse] == pytest.approx([r["margin"] for r in plain], abs=1e-4)
+
 def test_reward_check_by_hand(tmp_path, tiny_dirs):
     from cmerl.models import load_model
     from cmerl.scoring import Verifier

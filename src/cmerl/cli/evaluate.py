@@ -32,6 +32,9 @@ THRESHOLD = typer.Option(0.2, "--threshold", help="Log-prob judges: a pair whose
 CONSISTENT = typer.Option(False, "--require-consistent", help="Also call a pair a tie when the two orders "
                           "prefer different responses.")
 PROMPT_FILE = typer.Option(None, "--prompt-file", help="Judge prompt file (default: the packaged one).")
+PREFIX_REUSE = typer.Option(False, "--prefix-reuse/--no-prefix-reuse", help="Local pairwise/reference judges: run "
+                            "the prompt prefix all pairs share once and reuse its KV cache (1.37x measured, same "
+                            "verdicts up to float rounding; benchmarks/RESULTS.md). Endpoint judges ignore it.")
 CONCURRENCY = typer.Option(4, "--concurrency", help="Endpoint judges: parallel requests.")
 JUDGES = typer.Option(..., "--judge", "-j", help="Judge (repeat for several: each gets its own verdicts file, "
                       "win rate and agreement, and their mean is printed): a cmerl model name, openai:MODEL@URL, "
@@ -46,14 +49,15 @@ REFERENCES = typer.Option(None, "--references", help="Reference-guided mode: an 
 
 
 def _judge_spec(judge, judge_url, judge_api, api_key_env, logprobs, template_from, judge_dtype, max_chars,
-                prompt_file, concurrency):
+                prompt_file, concurrency, prefix_reuse=False):
     from cmerl.judging import JudgeSpec  # deferred: torch, via cmerl.judging (torch-free CLI start)
 
     if judge_api not in ("chat", "completions"):
         raise typer.BadParameter(f"--judge-api must be chat or completions (got {judge_api!r})")
     return JudgeSpec(judge, base_url=judge_url, api=judge_api, api_key_env=api_key_env, logprobs=logprobs,
                      template_tokenizer=template_from, dtype=judge_dtype, max_response_chars=max_chars,
-                     prompt_path=str(prompt_file) if prompt_file else None, concurrency=concurrency)
+                     prompt_path=str(prompt_file) if prompt_file else None, concurrency=concurrency,
+                     prefix_reuse=prefix_reuse)
 
 
 def _judge_builders(names, spec, mode, references):
@@ -127,6 +131,7 @@ def judge(
     api_key_env: str = API_KEY_ENV, logprobs: bool = LOGPROBS, template_from: str = TEMPLATE_FROM,
     judge_dtype: str = JUDGE_DTYPE, max_response_chars: int = MAX_CHARS, threshold: float = THRESHOLD,
     require_consistent: bool = CONSISTENT, prompt_file: Path = PROMPT_FILE, concurrency: int = CONCURRENCY,
+    prefix_reuse: bool = PREFIX_REUSE,
     judge_mode: str = JUDGE_MODE, references: Path = REFERENCES,
     limit: int = typer.Option(None, "--limit", help="Judge at most this many new pairs in this run."),
 ) -> None:
@@ -143,7 +148,7 @@ def judge(
         pairs, warnings = load_pairs(a, b)
         rule = DecisionRule(threshold, require_consistent)
         spec = _judge_spec(judge[0], judge_url, judge_api, api_key_env, logprobs, template_from, judge_dtype,
-                           max_response_chars, prompt_file, concurrency)
+                           max_response_chars, prompt_file, concurrency, prefix_reuse)
         builders = _judge_builders(judge, spec, judge_mode, references)
         for w in warnings:
             console.print(f"[yellow]warning: {w}[/yellow]")
@@ -196,7 +201,7 @@ def judge_check(
     judge: str = JUDGE, judge_url: str = JUDGE_URL, judge_api: str = JUDGE_API, api_key_env: str = API_KEY_ENV,
     logprobs: bool = LOGPROBS, template_from: str = TEMPLATE_FROM, judge_dtype: str = JUDGE_DTYPE,
     max_response_chars: int = MAX_CHARS, threshold: float = THRESHOLD, require_consistent: bool = CONSISTENT,
-    prompt_file: Path = PROMPT_FILE, concurrency: int = CONCURRENCY,
+    prompt_file: Path = PROMPT_FILE, concurrency: int = CONCURRENCY, prefix_reuse: bool = PREFIX_REUSE,
     judge_mode: str = JUDGE_MODE, references: Path = REFERENCES,
     limit: int = typer.Option(None, "--limit", help="Pairs to judge, the first N (default: 40 of the bundled "
                               "sample's 80; with --pairs, every selected pair)."),
@@ -226,7 +231,7 @@ def judge_check(
     out = output_dir or Path("judge_check") / name_slug(judge, 200) / (name_slug(pairs, 200) if pairs else "")
     try:
         spec = _judge_spec(judge, judge_url, judge_api, api_key_env, logprobs, template_from, judge_dtype,
-                           max_response_chars, prompt_file, concurrency)
+                           max_response_chars, prompt_file, concurrency, prefix_reuse)
         rule = DecisionRule(threshold, require_consistent)
         j = _judge_builders([judge], spec, judge_mode, references)[0][1]()
         if pairs:
@@ -350,6 +355,7 @@ def eval_cmd(
     api_key_env: str = API_KEY_ENV, logprobs: bool = LOGPROBS, template_from: str = TEMPLATE_FROM,
     judge_dtype: str = JUDGE_DTYPE, max_response_chars: int = MAX_CHARS, threshold: float = THRESHOLD,
     require_consistent: bool = CONSISTENT, prompt_file: Path = PROMPT_FILE, concurrency: int = CONCURRENCY,
+    prefix_reuse: bool = PREFIX_REUSE,
     judge_mode: str = JUDGE_MODE, references: Path = REFERENCES,
     prompts: str = typer.Option("alpaca_eval:50", "--prompts", "-p", help="Prompt set (see cmerl generate)."),
     output_dir: Path = typer.Option(Path("eval_results"), "--output-dir", "-o", help="Results folder."),
@@ -379,7 +385,7 @@ def eval_cmd(
     two_models = not system and len(judge) == 1 and (judge_mode or DEFAULT_MODE) == "pairwise" and ":" not in judge[0]
     try:
         spec = _judge_spec(judge[0], judge_url, judge_api, api_key_env, logprobs, template_from, judge_dtype,
-                           max_response_chars, prompt_file, concurrency)
+                           max_response_chars, prompt_file, concurrency, prefix_reuse)
         generation = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                       batch_size=batch_size, dtype=dtype, system_prompt=system_prompt)
         rule = DecisionRule(threshold, require_consistent)

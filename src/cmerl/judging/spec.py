@@ -30,6 +30,7 @@ class JudgeSpec:
     template_tokenizer: str | None = None
     concurrency: int = 4
     prompt_path: str | None = None
+    prefix_reuse: bool = False  # local judges: run the shared prompt prefix once (LocalJudge); endpoints ignore it
 
     def build(self) -> LocalJudge | OpenAIJudge:
         prompt = JudgePrompt.load(self.prompt_path)
@@ -40,4 +41,4 @@ class JudgeSpec:
                                template_tokenizer=self.template_tokenizer)
         return LocalJudge.from_pretrained(self.name, dtype=self.dtype, prompt=prompt,
                                           max_response_chars=self.max_response_chars,
-                                          max_batch_tokens=self.max_batch_tokens)
+                                          max_batch_tokens=self.max_batch_tokens, prefix_reuse=self.prefix_reuse)
