@@ -215,6 +215,14 @@ def test_table_names_no_verifier_for_a_reward_that_reads_only_the_policy():
     assert study._reward_cell(["self_certainty", "cme"], ["v"]) == "self_certainty+cme (v)"
 
 
+def test_table_names_the_baselines_by_method_not_by_their_unused_reward_default():
+    """A distill row keeps TrainConfig's default ``rewards: [cme]``, which it never trains on."""
+    assert study._reward_cell(["cme"], ["qwen2.5-coder-0.5b-instruct"], "distill") == (
+        "distill: SFT on qwen2.5-coder-0.5b-instruct's answers")
+    assert study._reward_cell(["cme"], [], "dpo") == "dpo (preference pairs)"
+    assert study._reward_cell(["cme"], ["v"], "grpo") == "cme (v)"
+
+
 def test_training_wall_time_counts_killed_attempts_to_their_last_logged_step():
     events = [{"phase": "train", "event": "start", "time": 100.0}, {"phase": "train", "event": "start", "time": 200.0},
               {"phase": "train", "event": "end", "time": 260.0}]
