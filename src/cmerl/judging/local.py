@@ -19,7 +19,6 @@ from cmerl.judging.prompt import (
 )
 from cmerl.scoring.requests import plan_batches
 
-
 #: Shorter shared prefixes are not worth a cache (:meth:`LocalJudge._shared_prefix`).
 MIN_PREFIX_TOKENS = 8
 
