@@ -221,6 +221,7 @@ def test_table_names_the_baselines_by_method_not_by_their_unused_reward_default(
         "distill: SFT on qwen2.5-coder-0.5b-instruct's answers")
     assert study._reward_cell(["cme"], [], "dpo") == "dpo (preference pairs)"
     assert study._reward_cell(["cme"], ["v"], "grpo") == "cme (v)"
+    assert study._reward_cell(["cme"], ["v"], "grpo", "position_std") == "cme, dense position_std (v)"
 
 
 def test_training_wall_time_counts_killed_attempts_to_their_last_logged_step():

@@ -663,7 +663,7 @@ def phase_report(row: StudyRow, paths: RowPaths, *, results_root: Path, print_st
     steps = max((m.get("step", 0) for m in metrics), default=0)
     out = {"row": row.name, "title": row.title, "regime": row.regime, "families": row.families,
            "policy": row.train.policy, "rewards": row.train.rewards, "verifiers": row.train.verifiers,
-           "method": row.train.method,
+           "method": row.train.method, "advantage_estimator": row.train.advantage_estimator,
            "judge": row.eval.judge, "prompts": row.eval.prompts, "steps": steps, "max_steps": row.train.max_steps,
            "completions_per_step": row.train.per_device_train_batch_size * row.train.gradient_accumulation_steps,
            "train_wall_s": training_wall_seconds(events, metrics),
@@ -810,10 +810,12 @@ def _duration(s) -> str:
     return f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
 
 
-def _reward_cell(rewards: Sequence[str], verifiers: Sequence[str], method: str = "grpo") -> str:
+def _reward_cell(rewards: Sequence[str], verifiers: Sequence[str], method: str = "grpo",
+                 advantage_estimator: str = "scalar") -> str:
     """``cme (qwen...)``; a reward that reads only the policy (self-certainty...) names no verifier, even when
     the config lists one (the held-out phase's). The baselines train on no reward: ``method: distill`` is
-    ``distill: SFT on <verifier>'s answers``, ``dpo`` is ``dpo (preference pairs)``."""
+    ``distill: SFT on <verifier>'s answers``, ``dpo`` is ``dpo (preference pairs)``. Per-token advantages
+    (dense rewards) are named: ``cme, dense position_std (qwen...)``."""
     if method == "distill":
         return f"distill: SFT on {verifiers[0] if verifiers else 'the teacher'}'s answers"
     if method == "dpo":
@@ -822,7 +824,7 @@ def _reward_cell(rewards: Sequence[str], verifiers: Sequence[str], method: str =
     from cmerl.training import reward_setup  # noqa: F401  (registers the built-in rewards)
     from cmerl.training.reward_registry import get_reward
 
-    names = "+".join(rewards)
+    names = "+".join(rewards) + ("" if advantage_estimator == "scalar" else f", dense {advantage_estimator}")
     try:
         reads_verifier = any(get_reward(n).uses_verifiers for n in rewards)
     except ValueError:  # a reward registered by a module not imported here: show the config as written
@@ -855,8 +857,9 @@ def study_table(results_root: str | Path = RESULTS_ROOT) -> str:
             steps = f"{st['last_logged_step'] or 0}/{tr.get('max_steps', '?')}"
             done = [p for p in PHASES if st["phases"].get(p) == "done"]
             now = next((p for p in PHASES if p not in done), "report")
-            lines.append(f"| {name} | {tr.get('policy', '?')} ({cfg.get('regime', '')}) | "
-                         f"{_reward_cell(tr.get('rewards', ['cme']), tr.get('verifiers', []), tr.get('method', 'grpo'))} | {steps} | "
+            reward = _reward_cell(tr.get("rewards", ["cme"]), tr.get("verifiers", []), tr.get("method", "grpo"),
+                                  tr.get("advantage_estimator", "scalar"))
+            lines.append(f"| {name} | {tr.get('policy', '?')} ({cfg.get('regime', '')}) | {reward} | {steps} | "
                          f"{'trained' if 'train' in done else 'training'} | " + " | ".join(["n/a"] * 7)
                          + f" | in progress: {now} |")
             continue
@@ -871,7 +874,7 @@ def study_table(results_root: str | Path = RESULTS_ROOT) -> str:
         lc = "n/a" if v.get("lc_win_rate") is None else (
             f"{_pct(v['lc_win_rate'])} [{_pct(v.get('lc_ci_low'))}-{_pct(v.get('lc_ci_high'))}]")
         lines.append(
-            f"| {name} | {r['policy']} ({r.get('regime', '')}) | {_reward_cell(r['rewards'], r['verifiers'], r.get('method', 'grpo'))} "
+            f"| {name} | {r['policy']} ({r.get('regime', '')}) | {_reward_cell(r['rewards'], r['verifiers'], r.get('method', 'grpo'), r.get('advantage_estimator', 'scalar'))} "
             f"| {r['steps']} | {_duration(r.get('train_wall_s'))} | {v['wins']}/{v['ties']}/{v['losses']} "
             f"| {_pct(v['win_rate'])} [{_pct(v['ci_low'])}-{_pct(v['ci_high'])}] | {lc} "
             f"| {_num(v.get('mean_len_a'))} / {_num(v.get('mean_len_b'))} "
