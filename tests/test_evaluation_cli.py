@@ -122,7 +122,6 @@ def test_judge_check_agreement_by_hand(tmp_path, tiny_dirs, tmp_cache):
     assert f"agreement with GPT-4 Turbo {100 * result['agreement']['value']:.1f}%" in res.output
 
 
-
 def test_judge_prefix_reuse_flag_reaches_the_local_judge_and_keeps_the_verdicts(tmp_path, tiny_dirs, monkeypatch):
     """``cmerl judge --prefix-reuse`` builds the local judge with prefix reuse (its shared-prefix cache is
     built) and writes the same verdicts as the plain run, margins equal up to float rounding."""
@@ -151,6 +150,7 @@ def test_judge_prefix_reuse_flag_reaches_the_local_judge_and_keeps_the_verdicts(
     plain, reuse = verdicts["--no-prefix-reuse"], verdicts["--prefix-reuse"]
     assert [r["verdict"] for r in plain] == [r["verdict"] for r in reuse] and len(plain) == 3
     assert [r["margin"] for r in reuse] == pytest.approx([r["margin"] for r in plain], abs=1e-4)
+
 
 def test_reward_check_by_hand(tmp_path, tiny_dirs):
     from cmerl.models import load_model

@@ -210,18 +210,20 @@ def test_study_table_regenerates_from_result_folders(full_run, tmp_path):
 
 
 def test_table_names_no_verifier_for_a_reward_that_reads_only_the_policy():
-    assert study._reward_cell(["cme"], ["qwen2.5-coder-0.5b-instruct"]) == "cme (qwen2.5-coder-0.5b-instruct)"
-    assert study._reward_cell(["self_certainty"], ["qwen2.5-coder-0.5b-instruct"]) == "self_certainty (the policy's own)"
-    assert study._reward_cell(["self_certainty", "cme"], ["v"]) == "self_certainty+cme (v)"
+    assert study._reward_cell({"rewards": ["cme"], "verifiers": ["qwen2.5-coder-0.5b-instruct"]}) == "cme (qwen2.5-coder-0.5b-instruct)"
+    assert study._reward_cell({"rewards": ["self_certainty"], "verifiers": ["qwen2.5-coder-0.5b-instruct"]}) == "self_certainty (the policy's own)"
+    assert study._reward_cell({"rewards": ["self_certainty", "cme"], "verifiers": ["v"]}) == "self_certainty+cme (v)"
 
 
 def test_table_names_the_baselines_by_method_not_by_their_unused_reward_default():
     """A distill row keeps TrainConfig's default ``rewards: [cme]``, which it never trains on."""
-    assert study._reward_cell(["cme"], ["qwen2.5-coder-0.5b-instruct"], "distill") == (
+    assert study._reward_cell({"rewards": ["cme"], "verifiers": ["qwen2.5-coder-0.5b-instruct"],
+                              "method": "distill"}) == (
         "distill: SFT on qwen2.5-coder-0.5b-instruct's answers")
-    assert study._reward_cell(["cme"], [], "dpo") == "dpo (preference pairs)"
-    assert study._reward_cell(["cme"], ["v"], "grpo") == "cme (v)"
-    assert study._reward_cell(["cme"], ["v"], "grpo", "position_std") == "cme, dense position_std (v)"
+    assert study._reward_cell({"rewards": ["cme"], "verifiers": [], "method": "dpo"}) == "dpo (preference pairs)"
+    assert study._reward_cell({"rewards": ["cme"], "verifiers": ["v"], "method": "grpo"}) == "cme (v)"
+    assert study._reward_cell({"rewards": ["cme"], "verifiers": ["v"], "method": "grpo",
+                               "advantage_estimator": "position_std"}) == "cme, dense position_std (v)"
 
 
 def test_training_wall_time_counts_killed_attempts_to_their_last_logged_step():

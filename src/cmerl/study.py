@@ -44,9 +44,10 @@ import platform
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -810,12 +811,15 @@ def _duration(s) -> str:
     return f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
 
 
-def _reward_cell(rewards: Sequence[str], verifiers: Sequence[str], method: str = "grpo",
-                 advantage_estimator: str = "scalar") -> str:
-    """``cme (qwen...)``; a reward that reads only the policy (self-certainty...) names no verifier, even when
+def _reward_cell(train: Mapping[str, Any]) -> str:
+    """The reward column from a row's train settings (``row_config.json``'s ``train`` or ``row.json``: keys
+    ``rewards``, ``verifiers``, ``method``, ``advantage_estimator``; missing ones take TrainConfig's
+    defaults). ``cme (qwen...)``; a reward that reads only the policy (self-certainty...) names no verifier, even when
     the config lists one (the held-out phase's). The baselines train on no reward: ``method: distill`` is
     ``distill: SFT on <verifier>'s answers``, ``dpo`` is ``dpo (preference pairs)``. Per-token advantages
     (dense rewards) are named: ``cme, dense position_std (qwen...)``."""
+    rewards, verifiers = train.get("rewards", ["cme"]), train.get("verifiers", [])
+    method, advantage_estimator = train.get("method", "grpo"), train.get("advantage_estimator", "scalar")
     if method == "distill":
         return f"distill: SFT on {verifiers[0] if verifiers else 'the teacher'}'s answers"
     if method == "dpo":
@@ -857,9 +861,7 @@ def study_table(results_root: str | Path = RESULTS_ROOT) -> str:
             steps = f"{st['last_logged_step'] or 0}/{tr.get('max_steps', '?')}"
             done = [p for p in PHASES if st["phases"].get(p) == "done"]
             now = next((p for p in PHASES if p not in done), "report")
-            reward = _reward_cell(tr.get("rewards", ["cme"]), tr.get("verifiers", []), tr.get("method", "grpo"),
-                                  tr.get("advantage_estimator", "scalar"))
-            lines.append(f"| {name} | {tr.get('policy', '?')} ({cfg.get('regime', '')}) | {reward} | {steps} | "
+            lines.append(f"| {name} | {tr.get('policy', '?')} ({cfg.get('regime', '')}) | {_reward_cell(tr)} | {steps} | "
                          f"{'trained' if 'train' in done else 'training'} | " + " | ".join(["n/a"] * 7)
                          + f" | in progress: {now} |")
             continue
@@ -874,7 +876,7 @@ def study_table(results_root: str | Path = RESULTS_ROOT) -> str:
         lc = "n/a" if v.get("lc_win_rate") is None else (
             f"{_pct(v['lc_win_rate'])} [{_pct(v.get('lc_ci_low'))}-{_pct(v.get('lc_ci_high'))}]")
         lines.append(
-            f"| {name} | {r['policy']} ({r.get('regime', '')}) | {_reward_cell(r['rewards'], r['verifiers'], r.get('method', 'grpo'), r.get('advantage_estimator', 'scalar'))} "
+            f"| {name} | {r['policy']} ({r.get('regime', '')}) | {_reward_cell(r)} "
             f"| {r['steps']} | {_duration(r.get('train_wall_s'))} | {v['wins']}/{v['ties']}/{v['losses']} "
             f"| {_pct(v['win_rate'])} [{_pct(v['ci_low'])}-{_pct(v['ci_high'])}] | {lc} "
             f"| {_num(v.get('mean_len_a'))} / {_num(v.get('mean_len_b'))} "

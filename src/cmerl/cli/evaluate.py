@@ -49,7 +49,7 @@ REFERENCES = typer.Option(None, "--references", help="Reference-guided mode: an 
 
 
 def _judge_spec(judge, judge_url, judge_api, api_key_env, logprobs, template_from, judge_dtype, max_chars,
-                prompt_file, concurrency, prefix_reuse=False):
+                prompt_file, concurrency, prefix_reuse):
     from cmerl.judging import JudgeSpec  # deferred: torch, via cmerl.judging (torch-free CLI start)
 
     if judge_api not in ("chat", "completions"):
